@@ -1,0 +1,1 @@
+"""Tensor operations with no learnable state (torch only)."""

@@ -1,0 +1,96 @@
+"""Multi-scale deformable attention sampling core (Deformable DETR), pure PyTorch.
+
+The reference implementation samples every level with ``F.grid_sample`` (bilinear, zero padding,
+``align_corners=False``), exactly like the official pure-PyTorch fallback that the official code runs on CPU.
+Faster implementations register themselves with :func:`register_implementation` and must give the same
+result; :func:`ms_deform_attn` picks one (see :func:`select_implementation`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MSDeformAttnFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def ms_deform_attn_reference(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Reference multi-scale deformable attention.
+
+    Args:
+        value:              ``[B, N, H, D]`` per-head values of all tokens, levels concatenated (fine first).
+        spatial_shapes:     ``[L, 2]`` long ``(H_l, W_l)``; ``sum(H_l * W_l) == N``.
+        sampling_locations: ``[B, Q, H, L, P, 2]`` ``(x, y)`` in ``[0, 1]`` of each level's map.
+        attention_weights:  ``[B, Q, H, L, P]`` weights (softmax over ``L * P`` already applied).
+    Returns:
+        ``[B, Q, H * D]``.
+    """
+    batch, _, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
+    value_per_level = value.split(sizes, dim=1)
+    # grid_sample works on [-1, 1] coordinates.
+    grids = 2 * sampling_locations - 1
+    sampled_per_level = []
+    for level, (h, w) in enumerate(spatial_shapes.tolist()):
+        # [B, H_l*W_l, heads, D] -> [B*heads, D, H_l, W_l]
+        value_l = value_per_level[level].flatten(2).transpose(1, 2).reshape(batch * num_heads, head_dim, h, w)
+        # [B, Q, heads, P, 2] -> [B*heads, Q, P, 2]
+        grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        # -> [B*heads, D, Q, P]
+        sampled_per_level.append(
+            F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )
+    # [B, Q, heads, L, P] -> [B*heads, 1, Q, L*P]
+    weights = attention_weights.transpose(1, 2).reshape(batch * num_heads, 1, num_queries, num_levels * num_points)
+    # [B*heads, D, Q, L*P] * weights -> [B*heads, D, Q]
+    output = (torch.stack(sampled_per_level, dim=-2).flatten(-2) * weights).sum(-1)
+    return output.view(batch, num_heads * head_dim, num_queries).transpose(1, 2).contiguous()
+
+
+_IMPLEMENTATIONS: dict[str, MSDeformAttnFn] = {"reference": ms_deform_attn_reference}
+_DEFAULT = "reference"
+
+
+def register_implementation(name: str, fn: MSDeformAttnFn, make_default: bool = False) -> None:
+    """Make ``fn`` (same signature as :func:`ms_deform_attn_reference`) selectable by ``name``."""
+    global _DEFAULT
+    _IMPLEMENTATIONS[name] = fn
+    if make_default:
+        _DEFAULT = name
+
+
+def available_implementations() -> list[str]:
+    return list(_IMPLEMENTATIONS)
+
+
+def select_implementation(name: str) -> None:
+    """Choose the implementation :func:`ms_deform_attn` uses from now on (process-wide)."""
+    global _DEFAULT
+    if name not in _IMPLEMENTATIONS:
+        raise ValueError(f"unknown deformable attention implementation {name!r}; have {available_implementations()}")
+    _DEFAULT = name
+
+
+def current_implementation() -> str:
+    return _DEFAULT
+
+
+def ms_deform_attn(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    implementation: str | None = None,
+) -> Tensor:
+    """Multi-scale deformable attention with the selected implementation (shapes as the reference)."""
+    fn = _IMPLEMENTATIONS[implementation or _DEFAULT]
+    return fn(value, spatial_shapes, sampling_locations, attention_weights)
