@@ -23,12 +23,15 @@ class ResNetConfig:
     ``freeze_at=1`` freezes the stem only (the official setting); ``freeze_at=k`` also freezes res2..res{k}.
     """
 
-    depth: int = 50
+    depth: int = 50  # 50, 101 or 152 (bottleneck blocks); ``num_blocks`` overrides the block counts
     freeze_at: int = 1
     out_features: tuple[str, ...] = ("res3", "res4", "res5")
     stem_channels: int = 64
     base_width: int = 64  # res2 bottleneck width; res2 output = 4 * base_width
     num_blocks: tuple[int, ...] | None = None  # overrides the depth table (used by the tiny preset)
+    # "frozen_bn" is the official setting (ImageNet-initialised backbones); "gn" (GroupNorm) trains stably
+    # from scratch and is what the tiny preset uses.
+    norm: Literal["frozen_bn", "gn"] = "frozen_bn"
 
 
 @dataclass(frozen=True)
@@ -179,9 +182,10 @@ PRESETS: dict[str, FocusDETRConfig] = {
         backbone=SwinConfig(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12,
                             pretrain_img_size=384, drop_path_rate=0.2),
         position_embedding=PE_DEFAULT),
-    # Small model for CPU tests and demos: a 2-block-per-stage narrow ResNet, width 64, 2+2 layers.
+    # Small model for CPU tests and demos: a narrow 1-block-per-stage ResNet, width 64, 2 + 2 layers.
     "tiny": FocusDETRConfig(
-        backbone=ResNetConfig(depth=18, stem_channels=16, base_width=8, num_blocks=(1, 1, 1, 1), freeze_at=0),
+        backbone=ResNetConfig(depth=50, stem_channels=16, base_width=8, num_blocks=(1, 1, 1, 1), freeze_at=0,
+                              norm="gn"),
         position_embedding=PE_DEFAULT,
         encoder=EncoderConfig(num_layers=2, num_heads=4, num_points=2, ffn_dim=128, cascade=(1.0, 0.6),
                               oesm_topk=50),
