@@ -1,0 +1,1 @@
+"""Reusable neural-network layers (depend on ops only)."""

@@ -88,3 +88,6 @@ class FocusDETROutputs:
     memory: Tensor | None = None  # [B, N, C] encoder output
     reference_boxes: list[Tensor] = field(default_factory=list)  # per decoder layer [B, Q, 4] refined boxes
     proposal_max_logits: Tensor | None = None  # [B, N] max-over-classes proposal logit of every token
+    # [B, Q] True on queries that carry no prediction (an image with fewer valid tokens than queries, in
+    # batch-invariant mode); None when every query is real. Matching and post-processing skip them.
+    query_padding_mask: Tensor | None = None

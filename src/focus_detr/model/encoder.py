@@ -1,0 +1,193 @@
+"""The token-sparse encoder: dual attention on the selected tokens (Focus-DETR), or dense (DINO) / sparse."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..config import EncoderConfig
+from ..layers.deformable_attention import MultiScaleDeformableAttention
+from ..layers.mlp import FeedForward
+from .selection import SelectionPolicy
+
+
+@dataclass
+class TokenSelection:
+    """Which tokens each encoder layer updates.
+
+    indices:     per layer ``[B, K_l]`` token ids, best foreground score first.
+    write_back:  per layer ``[B, K_l]`` bool: slots whose result is written back into the token sequence
+                 (False on the extra slots that a smaller image gets in a batch).
+    token_counts:``[B]`` foreground budget per image.
+    """
+
+    indices: list[Tensor]
+    write_back: list[Tensor]
+    token_counts: Tensor
+
+
+def plan_token_selection(
+    scores: Tensor,
+    valid_counts: Tensor,
+    keep_ratio: float,
+    ratios: tuple[float, ...],
+    per_image: bool,
+    policy: SelectionPolicy,
+) -> TokenSelection:
+    """Top-k token sets of every encoder layer from one score map.
+
+    Args:
+        scores:       ``[B, N]`` foreground logits with padded tokens already pushed to the bottom.
+        valid_counts: ``[B]`` non-padded tokens per image.
+        keep_ratio:   foreground budget ``n_b = int(keep_ratio * valid_b) + 1``.
+        ratios:       per-layer fraction of the budget (the cascade).
+        per_image:    True: each image keeps ``int(ratio * n_b)`` tokens (batch-invariant). False: every image
+                      keeps ``int(ratio * max_b n_b)`` (official), and writes back its first ``n_b``.
+    """
+    # float32 products truncated to int, exactly as the official code computes them.
+    token_counts = (valid_counts.to(torch.float32) * keep_ratio).int() + 1
+    token_counts = torch.minimum(token_counts, valid_counts.to(torch.int32).clamp(min=1))
+    ratio_t = torch.tensor(ratios, dtype=torch.float32)
+    indices, write_back = [], []
+    for layer, ratio in enumerate(ratio_t):
+        if per_image:
+            per_image_k = (ratio * token_counts.to(torch.float32).cpu()).int().to(scores.device)
+            k = int(per_image_k.max())
+            limit = per_image_k
+        else:
+            k = int(ratio * int(token_counts.max()))
+            limit = token_counts
+        k = min(k, scores.shape[1])
+        idx = policy.foreground(scores, k, layer) if k > 0 else scores.new_zeros(scores.shape[0], 0, dtype=torch.long)
+        indices.append(idx)
+        write_back.append(torch.arange(k, device=scores.device)[None, :] < limit.to(scores.device)[:, None])
+    return TokenSelection(indices, write_back, token_counts)
+
+
+def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """``x [B, N, ...]``, ``index [B, K]`` -> ``[B, K, ...]``."""
+    expanded = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return torch.gather(x, 1, expanded)
+
+
+class EncoderLayer(nn.Module):
+    """One encoder layer: [OESM self-attention ->] deformable attention -> LN -> FFN -> LN."""
+
+    def __init__(self, embed_dim: int, num_heads: int, num_levels: int, num_points: int, ffn_dim: int,
+                 dropout: float, with_oesm: bool) -> None:
+        super().__init__()
+        self.with_oesm = with_oesm
+        if with_oesm:
+            self.oesm_attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, batch_first=True)
+            self.oesm_norm = nn.LayerNorm(embed_dim)
+        self.cross_attn = MultiScaleDeformableAttention(embed_dim, num_heads, num_levels, num_points)
+        self.cross_attn_dropout = nn.Dropout(dropout)
+        self.cross_attn_norm = nn.LayerNorm(embed_dim)
+        self.ffn = FeedForward(embed_dim, ffn_dim, dropout)
+        self.ffn_norm = nn.LayerNorm(embed_dim)
+
+    def object_enhanced_self_attention(self, x: Tensor, pos: Tensor, positions: Tensor,
+                                       key_padding_mask: Tensor | None) -> Tensor:
+        """Self-attention among the tokens at ``positions [B, M]`` of ``x [B, K, C]``; others unchanged."""
+        y = _gather_tokens(x, positions)
+        q = y + _gather_tokens(pos, positions)
+        y = y + self.oesm_attn(q, q, y, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        y = self.oesm_norm(y)
+        return x.scatter(1, positions[..., None].expand(-1, -1, x.shape[-1]), y)
+
+    def forward(self, x: Tensor, pos: Tensor, reference_points: Tensor, value: Tensor,
+                value_padding_mask: Tensor | None, spatial_shapes: Tensor) -> Tensor:
+        """``x, pos [B, K, C]``, ``reference_points [B, K, L, 2]``, ``value [B, N, C]`` -> ``[B, K, C]``."""
+        attn = self.cross_attn(x + pos, reference_points, value, spatial_shapes, value_padding_mask)
+        x = self.cross_attn_norm(x + self.cross_attn_dropout(attn))
+        return self.ffn_norm(self.ffn(x))
+
+
+class FocusEncoder(nn.Module):
+    """Stack of encoder layers over a subset of tokens per layer (or all tokens in dense mode)."""
+
+    def __init__(self, cfg: EncoderConfig, embed_dim: int, num_levels: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        with_oesm = cfg.mode == "focus"
+        self.layers = nn.ModuleList(
+            EncoderLayer(embed_dim, cfg.num_heads, num_levels, cfg.num_points, cfg.ffn_dim, cfg.dropout, with_oesm)
+            for _ in range(cfg.num_layers)
+        )
+        self.sample_features = cfg.resolved_value_source() == "features"
+
+    def forward(
+        self,
+        features: Tensor,
+        pos: Tensor,
+        reference_points: Tensor,
+        padding_mask: Tensor,
+        spatial_shapes: Tensor,
+        selection: TokenSelection | None,
+        foreground_scores: Tensor | None,
+        category_head: nn.Module | None,
+        per_image_oesm: bool,
+        policy: SelectionPolicy,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """
+        Args:
+            features:          ``[B, N, C]`` flattened neck features (no position embedding).
+            pos:               ``[B, N, C]`` position + level embedding.
+            reference_points:  ``[B, N, L, 2]`` token centres on every level.
+            padding_mask:      ``[B, N]`` True on padding.
+            selection:         tokens per layer (None: every layer updates every token, dense mode).
+            foreground_scores: ``[B, N]`` foreground logits used by OESM (focus mode).
+            category_head:     multi-category score predictor (the two-stage class head, shared).
+            per_image_oesm:    exclude slots that are not this image's own tokens from OESM (batch-invariant).
+        Returns:
+            memory ``[B, N, C]`` and, per layer, the token ids that took part in OESM ``[B, M_l]``.
+        """
+        out = features
+        oesm_token_ids: list[Tensor] = []
+        for layer_id, layer in enumerate(self.layers):
+            value = features if self.sample_features else out
+            if selection is None:
+                out = layer(out, pos, reference_points, value, padding_mask, spatial_shapes)
+                continue
+            index = selection.indices[layer_id]
+            if index.shape[1] == 0:
+                continue
+            x = _gather_tokens(out, index)
+            x_pos = _gather_tokens(pos, index)
+            ref = _gather_tokens(reference_points, index)
+            if layer.with_oesm:
+                assert foreground_scores is not None and category_head is not None
+                x, ids = self._oesm(layer, layer_id, x, x_pos, index, selection.write_back[layer_id],
+                                    foreground_scores, category_head, per_image_oesm, policy)
+                oesm_token_ids.append(ids)
+            x = layer(x, x_pos, ref, value, padding_mask, spatial_shapes)
+            # Only the image's own budget is written back; extra slots of smaller images keep the old value.
+            keep = selection.write_back[layer_id][..., None]
+            x = torch.where(keep, x, _gather_tokens(out, index))
+            out = out.scatter(1, index[..., None].expand(-1, -1, out.shape[-1]), x)
+        return out, oesm_token_ids
+
+    def _oesm(self, layer: EncoderLayer, layer_id: int, x: Tensor, x_pos: Tensor, index: Tensor,
+              own_slots: Tensor, foreground_scores: Tensor, category_head: nn.Module, per_image: bool,
+              policy: SelectionPolicy) -> tuple[Tensor, Tensor]:
+        category_logits = category_head(x).max(-1)[0]
+        fg = torch.gather(foreground_scores, 1, index)
+        if self.cfg.oesm_score == "logit_product":
+            # Official: product of raw logits (two negative logits rank high; kept for checkpoint parity).
+            score = category_logits * fg
+        else:
+            score = category_logits.sigmoid() * fg.sigmoid()
+        num = min(self.cfg.oesm_topk, x.shape[1])
+        key_padding_mask = None
+        if per_image:
+            score = score.masked_fill(~own_slots, float("-inf"))
+            # At least one key per image, so an image with no own slot here never attends over nothing (NaN).
+            per_image_num = own_slots.sum(1).clamp(min=1, max=num)
+            key_padding_mask = torch.arange(num, device=x.device)[None, :] >= per_image_num[:, None]
+            if not bool(key_padding_mask.any()):
+                key_padding_mask = None
+        positions = policy.oesm(score, num, layer_id)
+        x = layer.object_enhanced_self_attention(x, x_pos, positions, key_padding_mask)
+        return x, torch.gather(index, 1, positions)
