@@ -1,0 +1,15 @@
+"""`focus-detr eval` (placeholder until implemented)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    return sub.add_parser("eval", help="(not implemented yet)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .main import CLIError
+
+    raise CLIError("focus-detr eval is not implemented yet")

@@ -1,0 +1,67 @@
+"""``focus-detr`` console script: one sub-command per module in this package.
+
+Each command module defines ``add_parser(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``
+(the exit code). Errors we anticipate are raised as :class:`CLIError` (message, exit code 2) or the library's
+own error types, and printed without a traceback; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Order = order in --help.
+COMMANDS = ["demo", "make_data", "train", "eval", "predict", "explain", "convert", "info", "export", "benchmark"]
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as ``error: <message>``, exit code ``code``."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="focus-detr",
+        description="Focus-DETR (ICCV 2023) in pure PyTorch: train, evaluate, predict, explain, convert, export.",
+        epilog="Run `focus-detr COMMAND --help` for a command's options and an example.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    from .. import __version__
+    parser.add_argument("--version", action="version", version=f"focus-detr {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"focus_detr.cli.{name}_cmd")
+        p = module.add_parser(sub)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except CLIError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    except (FileNotFoundError, ValueError, KeyError, TypeError, ImportError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
