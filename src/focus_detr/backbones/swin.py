@@ -73,7 +73,7 @@ def window_partition(x: Tensor, window_size: int) -> Tensor:
     """``[B, H, W, C]`` (H, W multiples of the window) -> ``[B * nH * nW, w, w, C]``, windows row-major."""
     b, h, w, c = x.shape
     x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, window_size, window_size, c)
 
 
 def window_reverse(windows: Tensor, window_size: int, height: int, width: int) -> Tensor:
@@ -256,7 +256,7 @@ def shifted_window_mask(
         for wsl in slices:
             img_mask[:, hs, wsl, :] = region
             region += 1
-    mask_windows = window_partition(img_mask, window_size).view(-1, window_size * window_size)
+    mask_windows = window_partition(img_mask, window_size).reshape(-1, window_size * window_size)
     diff = mask_windows.unsqueeze(1) - mask_windows.unsqueeze(2)  # [nW, N, N]
     return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
 

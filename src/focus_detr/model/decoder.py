@@ -66,12 +66,16 @@ class DINODecoder(nn.Module):
         box_heads: nn.ModuleList,
         self_attn_mask: Tensor | None = None,
         query_padding_mask: Tensor | None = None,
+        position_from_scaled_boxes: bool = True,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """
         Args:
             target:          ``[B, Q, C]`` content queries.
             reference_boxes: ``[B, Q, 4]`` initial sigmoid boxes (cxcywh, valid-region normalised).
             box_heads:       one box head per layer; refines the boxes between layers.
+            position_from_scaled_boxes: embed the query position from the boxes scaled by the level-0 valid
+                             ratio (official; it makes a query's position depend on the batch padding) or from
+                             the boxes themselves (batch-invariant; equal to the official batch-of-1 result).
         Returns:
             per layer, the normalised hidden states ``[B, Q, C]`` and the refined boxes ``[B, Q, 4]``
             (not detached: look-forward-twice lets the next layer's loss reach this layer's head).
@@ -80,7 +84,8 @@ class DINODecoder(nn.Module):
         scale = torch.cat([valid_ratios, valid_ratios], -1)[:, None]
         for layer, box_head in zip(self.layers, box_heads):
             boxes_per_level = reference_boxes[:, :, None] * scale
-            query_pos = self.ref_point_head(box_sine_embedding(boxes_per_level[:, :, 0, :], self.embed_dim // 2))
+            pos_boxes = boxes_per_level[:, :, 0, :] if position_from_scaled_boxes else reference_boxes
+            query_pos = self.ref_point_head(box_sine_embedding(pos_boxes, self.embed_dim // 2))
             target = layer(target, query_pos, boxes_per_level, memory, memory_padding_mask, spatial_shapes,
                            self_attn_mask, query_padding_mask)
             new_boxes = (box_head(target) + inverse_sigmoid(reference_boxes)).sigmoid()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,7 +25,7 @@ from .foreground_selector import ForegroundTokenSelector, token_proposals
 from .neck import ChannelMapper
 from .outputs import DenoisingOutputs, EncoderTrace, FocusDETROutputs, Predictions
 from .postprocess import Detections, postprocess
-from .selection import DEFAULT_POLICY, SelectionPolicy
+from .selection import DEFAULT_POLICY, STABLE_POLICY, SelectionPolicy
 
 
 def _flatten_levels(maps: list[Tensor]) -> Tensor:
@@ -122,6 +124,10 @@ class FocusDETR(nn.Module):
         return self.level_embed.device
 
     @property
+    def default_policy(self) -> SelectionPolicy:
+        return STABLE_POLICY if self.per_image else DEFAULT_POLICY
+
+    @property
     def per_image(self) -> bool:
         return self.cfg.batch_mode == "invariant"
 
@@ -180,9 +186,9 @@ class FocusDETR(nn.Module):
             batch:   images from :meth:`batch` / the data collate.
             targets: training targets (``labels [n]``, ``boxes [n, 4]`` cxcywh normalised); used for denoising
                      queries in training mode only.
-            policy:  decision policy (default: plain top-k).
+            policy:  decision policy (default: plain top-k in official mode, stable top-k in batch-invariant mode).
         """
-        policy = policy or DEFAULT_POLICY
+        policy = policy or self.default_policy
         cfg = self.cfg
         feats, masks, level_sizes = self._features(batch)
         batch_size = feats[0].shape[0]
@@ -259,7 +265,8 @@ class FocusDETR(nn.Module):
 
         # ---- decoder and heads -----------------------------------------------------------------------
         hidden, refined = self.decoder(target, reference_boxes, memory, padding_mask, spatial_shapes, valid_ratios,
-                                       self.box_heads, self_attn_mask, query_padding_mask)
+                                       self.box_heads, self_attn_mask, query_padding_mask,
+                                       position_from_scaled_boxes=not self.per_image)
         # Keeps the label embedding in the graph when denoising is off, so DDP sees every parameter used.
         hidden[0] = hidden[0] + self.dn_label_embed.weight[0, 0] * 0.0
         all_logits, all_boxes = [], []
@@ -297,7 +304,7 @@ class FocusDETR(nn.Module):
         """Detections per image in pixels of ``original_sizes`` (default: the network input sizes)."""
         return postprocess(outputs.main.logits, outputs.main.boxes, outputs.image_sizes, original_sizes,
                            max_detections or self.cfg.num_detections, self.cfg.class_names,
-                           outputs.query_padding_mask, score_threshold, policy or DEFAULT_POLICY)
+                           outputs.query_padding_mask, score_threshold, policy or self.default_policy)
 
     @torch.no_grad()
     def predict(self, images, score_threshold: float = 0.0, max_detections: int | None = None,
@@ -323,7 +330,7 @@ class FocusDETR(nn.Module):
                 for arr in arrays:
                     originals.append(arr.shape[:2])
                     resized = resize_shortest_edge(arr, self.cfg.test_short_side, self.cfg.test_max_size)
-                    tensors.append(torch.from_numpy(resized).permute(2, 0, 1).contiguous())
+                    tensors.append(torch.from_numpy(np.array(resized, copy=True)).permute(2, 0, 1).contiguous())
                 batch = self.batch(tensors)
                 outputs = self(batch)
                 results.extend(self.postprocess(outputs, torch.tensor(originals), score_threshold, max_detections))

@@ -34,4 +34,31 @@ class SelectionPolicy:
         return values, indices
 
 
+class StableSelectionPolicy(SelectionPolicy):
+    """Top-k by a stable descending sort: equal scores keep token order (level, then row-major).
+
+    Exact ties are common (every token whose proposal box is invalid gets the same constant feature and
+    score), and ``torch.topk`` breaks them in an order that depends on the tensor length. A stable order
+    makes an image's decisions independent of how much padding its batch adds (batch-invariant mode).
+    """
+
+    @staticmethod
+    def _top(scores: Tensor, k: int) -> Tensor:
+        return torch.sort(scores, dim=1, descending=True, stable=True)[1][:, :k]
+
+    def foreground(self, scores: Tensor, k: int, layer: int) -> Tensor:
+        return self._top(scores, k)
+
+    def oesm(self, scores: Tensor, k: int, layer: int) -> Tensor:
+        return self._top(scores, k)
+
+    def proposals(self, scores: Tensor, k: int) -> Tensor:
+        return self._top(scores, k)
+
+    def detections(self, scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        indices = self._top(scores, k)
+        return torch.gather(scores, 1, indices), indices
+
+
 DEFAULT_POLICY = SelectionPolicy()
+STABLE_POLICY = StableSelectionPolicy()
