@@ -119,6 +119,15 @@ class FocusDETR(nn.Module):
         nn.init.normal_(self.level_embed)
 
     # ----------------------------------------------------------------------------------------------
+    # Stage markers: benchmarks set ``stage_callback`` to a function receiving the name of each stage as it
+    # begins ("backbone" (backbone + neck), "preparation", "token_selection", "encoder", "query_selection",
+    # "decoder" (decoder + heads), then "end"). No cost when unset.
+    stage_callback = None
+
+    def _mark(self, stage: str) -> None:
+        if self.stage_callback is not None:
+            self.stage_callback(stage)
+
     @property
     def device(self) -> torch.device:
         return self.level_embed.device
@@ -190,7 +199,9 @@ class FocusDETR(nn.Module):
         """
         policy = policy or self.default_policy
         cfg = self.cfg
+        self._mark("backbone")
         feats, masks, level_sizes = self._features(batch)
+        self._mark("preparation")
         batch_size = feats[0].shape[0]
         pos_maps = [self.position_embedding(m) for m in masks]
         spatial_shapes = torch.as_tensor([list(f.shape[-2:]) for f in feats], dtype=torch.long, device=self.device)
@@ -204,6 +215,7 @@ class FocusDETR(nn.Module):
         valid_counts = (~padding_mask).sum(1)
 
         # ---- foreground token selection -------------------------------------------------------------
+        self._mark("token_selection")
         foreground_logits = None
         selection: TokenSelection | None = None
         ranking = None
@@ -221,11 +233,13 @@ class FocusDETR(nn.Module):
                                              policy)
 
         # ---- encoder --------------------------------------------------------------------------------
+        self._mark("encoder")
         memory, oesm_ids = self.encoder(
             features, pos, reference_points, padding_mask, spatial_shapes, selection,
             ranking, self.proposal_class_head, self.per_image, policy)
 
         # ---- two-stage query selection ----------------------------------------------------------------
+        self._mark("query_selection")
         proposals, proposal_valid = token_proposals(padding_mask, spatial_shapes)
         output_memory = self.token_proj_norm(self.token_proj(memory.masked_fill(~proposal_valid[..., None], 0.0)))
         proposal_logits = self.proposal_class_head(output_memory)
@@ -264,6 +278,7 @@ class FocusDETR(nn.Module):
         init_reference = reference_boxes
 
         # ---- decoder and heads -----------------------------------------------------------------------
+        self._mark("decoder")
         hidden, refined = self.decoder(target, reference_boxes, memory, padding_mask, spatial_shapes, valid_ratios,
                                        self.box_heads, self_attn_mask, query_padding_mask,
                                        position_from_scaled_boxes=not self.per_image)
@@ -284,6 +299,7 @@ class FocusDETR(nn.Module):
             if query_padding_mask is not None:
                 query_padding_mask = query_padding_mask[:, num_dn:]
         preds = [Predictions(lg, bx) for lg, bx in zip(all_logits, all_boxes)]
+        self._mark("end")
 
         if selection is not None:
             trace = EncoderTrace(selection.token_counts, selection.indices, selection.write_back, oesm_ids)
