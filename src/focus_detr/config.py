@@ -184,6 +184,7 @@ PRESETS: dict[str, FocusDETRConfig] = {
         position_embedding=PE_DEFAULT),
     # Small model for CPU tests and demos: a narrow 1-block-per-stage ResNet, width 64, 2 + 2 layers.
     "tiny": FocusDETRConfig(
+        class_names=COCO_CLASS_NAMES,
         backbone=ResNetConfig(depth=50, stem_channels=16, base_width=8, num_blocks=(1, 1, 1, 1), freeze_at=0,
                               norm="gn"),
         position_embedding=PE_DEFAULT,
