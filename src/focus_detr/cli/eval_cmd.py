@@ -1,15 +1,133 @@
-"""`focus-detr eval` (placeholder until implemented)."""
+"""`focus-detr eval`: COCO box AP of a model on a split of a COCO-format dataset."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+EPILOG = """\
+WEIGHTS is one of
+  * a focus-detr weights file (RUN_DIR/model_final.pth, `focus-detr convert` output): the model is rebuilt
+    from the config stored in it;
+  * a training checkpoint (RUN_DIR/checkpoints/checkpoint_*.pth; --ema takes its EMA weights);
+  * an official detrex Focus-DETR checkpoint, with --preset naming its config (COCO classes).
+
+Writes OUT/predictions.json (COCO results format, the annotation file's category ids), OUT/metrics.json
+(AP, AP50, AP75, APs, APm, APl, ARs and per-class AP, fractions) and OUT/coco_summary.txt.
+
+examples:
+  focus-detr eval runs/shapes/model_final.pth --data data/shapes
+  focus-detr eval focus_detr_r50_36ep.pth --preset r50_4scale --data /data/coco --split val2017
+  torchrun --nproc_per_node 8 -m focus_detr.cli.main eval model_final.pth --data /data/coco --split val2017"""
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    return sub.add_parser("eval", help="(not implemented yet)")
+    p = sub.add_parser("eval", help="COCO evaluation of a weights file or checkpoint on a dataset split",
+                       description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("weights", metavar="WEIGHTS", help="weights file, training checkpoint or official checkpoint")
+    p.add_argument("--data", required=True, metavar="DATA_DIR",
+                   help="dataset folder: annotations/instances_SPLIT.json + images/SPLIT/")
+    p.add_argument("--split", default="val", help="split to evaluate (default val)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: eval_SPLIT next to WEIGHTS)")
+    p.add_argument("--preset", help="preset of an official checkpoint (ignored for our own files)")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights of a training checkpoint")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
+    p.add_argument("--max-images", type=int, help="evaluate the first N images only")
+    p.add_argument("--short-side", type=int, help="test-time shorter side (default: the model's)")
+    p.add_argument("--max-size", type=int, help="test-time longer-side cap (default: the model's)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS", help="collective timeout under torchrun")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def load_any_model(path: str | Path, preset: str | None = None, ema: bool = False, **overrides):
+    """A :class:`~focus_detr.model.FocusDETR` from one of our weights files, a training checkpoint or (with
+    ``preset``) an official checkpoint. Raises ``CheckpointFormatError`` / ``CLIError`` with the reason."""
+    import torch
+
+    from .. import api
+    from ..config import config_from_dict, make_config
+    from ..convert import load_converted
+    from ..model import build_model
+    from .main import CLIError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"{path}: no such file")
+    try:
+        payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise api.CheckpointFormatError(f"{path}: not a readable checkpoint, the file is truncated or not a PyTorch "
+                                        f"file ({type(e).__name__})") from None
+    kind = payload.get("format") if isinstance(payload, dict) else None
+    if kind == api.WEIGHTS_FORMAT:
+        return api.load(path, **overrides)
+    if kind == "focus-detr-train-checkpoint":
+        from ..engine.checkpoint import load_checkpoint
+
+        state = load_checkpoint(path)  # verifies the checksum
+        cfg = config_from_dict(state["model_config"])
+        if overrides:
+            cfg = make_config(cfg, **overrides)
+        model = build_model(cfg)
+        weights = state["model"]
+        if ema:
+            if state.get("ema") is None:
+                raise CLIError(f"{path} holds no EMA weights (the run was trained without --ema)")
+            weights = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
+        load_converted(model, weights, source=str(path))
+        return model.eval()
+    if preset is None:
+        raise api.CheckpointFormatError(f"{path}: not a focus-detr weights file or training checkpoint; for an "
+                                        "official checkpoint pass --preset (e.g. r50_4scale)")
+    return api.load_official(payload, preset, **overrides)
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
+
+    from ..api import CheckpointFormatError
+    from ..data import DataError
+    from ..engine.data import build_eval_dataset, split_paths
+    from ..engine.distributed import (DistributedError, cleanup_distributed, env_dist_info, init_distributed,
+                                      resolve_device)
+    from ..engine.evaluate import evaluate, format_metrics
     from .main import CLIError
 
-    raise CLIError("focus-detr eval is not implemented yet")
+    if args.batch_size <= 0:
+        raise CLIError("--batch-size must be positive")
+    info = env_dist_info(args.dist_timeout)
+    device = resolve_device(args.device, info)
+    overrides = {}
+    if args.short_side:
+        overrides["test_short_side"] = args.short_side
+    if args.max_size:
+        overrides["test_max_size"] = args.max_size
+    try:
+        model = load_any_model(args.weights, args.preset, args.ema, **overrides).to(device)
+        image_dir, ann = split_paths(args.data, args.split)
+        if not ann.exists():
+            raise CLIError(f"no annotation file {ann} (expected DATA_DIR/annotations/instances_{args.split}.json)")
+        dataset = build_eval_dataset(args.data, args.split, model.cfg.test_short_side, model.cfg.test_max_size,
+                                     model.cfg.class_names)
+        out = Path(args.out) if args.out else Path(args.weights).resolve().parent / f"eval_{args.split}"
+        init_distributed(info, device)
+        try:
+            metrics = evaluate(model, dataset, device, out, info, args.batch_size, args.workers, args.max_images,
+                               progress=not args.no_progress,
+                               extra={"weights": str(args.weights), "split": args.split, "data": str(args.data)})
+        finally:
+            cleanup_distributed()
+    except (CheckpointFormatError, DataError, DistributedError) as e:
+        raise CLIError(str(e)) from None
+    if metrics is not None:
+        print(metrics.get("summary", ""))
+        print(f"{args.split}: {format_metrics(metrics)}")
+        per_class = metrics.get("per_class", {})
+        if per_class:
+            print("per-class AP: " + json.dumps({k: (round(v, 3) if v is not None else None)
+                                                  for k, v in per_class.items()}))
+        print(f"wrote {out}/metrics.json and {out}/predictions.json")
+    return 0

@@ -1,15 +1,162 @@
-"""`focus-detr train` (placeholder until implemented)."""
+"""`focus-detr train`: train Focus-DETR on a COCO-format dataset (one process, or DDP under torchrun)."""
 
 from __future__ import annotations
 
 import argparse
+import ast
+from typing import Any
+
+EPILOG = """\
+DATA_DIR layout (COCO; `focus-detr make-data shapes` writes it):
+  DATA_DIR/annotations/instances_train.json   DATA_DIR/images/train/...
+  DATA_DIR/annotations/instances_val.json     DATA_DIR/images/val/...   (optional: periodic evaluation)
+
+examples:
+  focus-detr train --preset tiny --data data/shapes --out runs/shapes --max-iters 2000 --lr 2e-4 --backbone-lr 2e-4
+  focus-detr train --preset r50_4scale_12ep --data /data/coco --out runs/r50 --schedule 12ep \\
+      --backbone-weights resnet50-0676ba61.pth --batch-size 2 --amp
+  torchrun --nproc_per_node 8 -m focus_detr.cli.main train --preset r50_4scale_12ep --data /data/coco --out runs/r50
+  focus-detr train ... --resume auto        # continue the newest complete checkpoint in --out
+
+See docs/training.md for schedules, multi-node runs and what is logged."""
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed: Any = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value  # a bare string, e.g. encoder.mode=dense
+    return key.strip(), parsed
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    return sub.add_parser("train", help="(not implemented yet)")
+    p = sub.add_parser("train", help="train on a COCO-format dataset (CPU, one GPU, or many GPUs with torchrun)",
+                       description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--preset", default="tiny", help="model preset (see `focus-detr info`); default tiny")
+    g.add_argument("--data", required=True, metavar="DATA_DIR", help="dataset folder in the COCO layout (above)")
+    g.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder: checkpoints, logs, final weights")
+    g.add_argument("--train-split", default="train", help="training split name (default train)")
+    g.add_argument("--val-split", default="val", help="evaluation split name (default val); 'none' disables it")
+    g.add_argument("--resume", metavar="auto|PATH",
+                   help="continue a run: 'auto' = newest complete checkpoint in RUN_DIR (fresh start if none)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the data order, augmentations and init (default 0)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
+    g.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
+                   help="model config override, repeatable, e.g. --set decoder.num_queries=300 --set encoder.mode=dense")
+    g.add_argument("--backbone-weights", metavar="PATH",
+                   help="ImageNet backbone file (torchvision ResNet .pth, detectron2 .pkl, Swin .pth); fresh runs only")
+
+    g = p.add_argument_group("schedule and optimiser (official defaults)")
+    g.add_argument("--schedule", default="12ep", choices=["12ep", "24ep", "36ep", "none"],
+                   help="official step schedule scaled to this dataset and batch (default 12ep); see docs/training.md")
+    g.add_argument("--max-iters", type=int, help="total iterations (overrides the schedule's length; its lr drop "
+                   "stays at the same fraction)")
+    g.add_argument("--lr-steps", type=_int_list, metavar="I1,I2", help="iterations at which the lr is multiplied by 0.1")
+    g.add_argument("--warmup-iters", type=int, default=0, help="linear lr warm-up (default 0, as the official)")
+    g.add_argument("--batch-size", type=int, default=2, help="images per process (default 2; total = x processes)")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per process (default 2)")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    g.add_argument("--backbone-lr", type=float, default=1e-5,
+                   help="lr of parameters named *backbone* (default 1e-5; use --lr's value for a backbone trained "
+                        "from scratch)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="default 1e-4 (0 on normalisation layers)")
+    g.add_argument("--clip-max-norm", type=float, default=0.1, help="gradient L2-norm clipping (default 0.1; 0 = off)")
+    g.add_argument("--train-scales", type=_int_list, metavar="S1,S2",
+                   help="shorter-side sizes for multi-scale training (default: 480..800 step 32 scaled to the preset)")
+    g.add_argument("--max-size", type=int, help="longer-side cap in training (default: the preset's test max size)")
+    g.add_argument("--crop", action="store_true", help="add detrex's random-crop augmentation branch (p=0.5)")
+    g.add_argument("--no-flip", action="store_true", help="disable the horizontal flip")
+    g.add_argument("--amp", action="store_true", help="mixed precision (CUDA only; bf16, or fp16 with loss scaling)")
+    g.add_argument("--ema", action="store_true", help="keep an exponential moving average of the weights; "
+                   "evaluation uses it and RUN_DIR/model_final_ema.pth holds it")
+    g.add_argument("--ema-decay", type=float, default=0.9998, help="EMA decay per step (default 0.9998)")
+
+    g = p.add_argument_group("logging, evaluation, checkpoints")
+    g.add_argument("--eval-every", type=int, default=0, help="COCO evaluation every N iterations (default 0: at the end)")
+    g.add_argument("--eval-batch-size", type=int, default=1, help="images per process in evaluation (default 1)")
+    g.add_argument("--max-eval-images", type=int, help="evaluate on the first N images only")
+    g.add_argument("--checkpoint-every", type=int, default=1000, help="checkpoint every N iterations (default 1000)")
+    g.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (default 3; 0 = all)")
+    g.add_argument("--log-every", type=int, default=20, help="metrics.jsonl row every N iterations (default 20)")
+    g.add_argument("--max-bad-steps", type=int, default=20,
+                   help="stop after this many consecutive non-finite steps (default 20)")
+    g.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="timeout of every collective under torchrun: a dead rank stops the others (default 1800)")
+    g.add_argument("--stop-at", type=int, metavar="ITER", help="checkpoint and stop at this iteration (resume later)")
+    g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms (slower)")
+    g.add_argument("--threads", type=int, help="torch CPU threads per process (default: PyTorch's choice)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard events")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`~focus_detr.engine.TrainConfig` described by parsed ``train`` arguments."""
+    from ..engine import TrainConfig
+    from .main import CLIError
+
+    schedule = None if args.schedule == "none" else args.schedule
+    if schedule is None and args.max_iters is None:
+        raise CLIError("--schedule none needs --max-iters")
+    for name in ("batch_size", "max_iters", "log_every", "checkpoint_every"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise CLIError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    return TrainConfig(
+        data_dir=args.data, out_dir=args.out, preset=args.preset, model_overrides=dict(args.overrides),
+        train_split=args.train_split, val_split=None if args.val_split.lower() == "none" else args.val_split,
+        schedule=schedule, max_iters=args.max_iters, lr_steps=args.lr_steps, warmup_iters=args.warmup_iters,
+        batch_size=args.batch_size, num_workers=args.workers, lr=args.lr, backbone_lr=args.backbone_lr,
+        weight_decay=args.weight_decay, clip_max_norm=args.clip_max_norm, train_scales=args.train_scales,
+        train_max_size=args.max_size, flip=not args.no_flip, crop=args.crop, seed=args.seed, device=args.device,
+        amp=args.amp, ema=args.ema, ema_decay=args.ema_decay, eval_every=args.eval_every,
+        eval_batch_size=args.eval_batch_size, max_eval_images=args.max_eval_images,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
+        resume=args.resume, max_bad_steps=args.max_bad_steps, dist_timeout_s=args.dist_timeout,
+        stop_at=args.stop_at, deterministic=args.deterministic, backbone_weights=args.backbone_weights,
+        progress=not args.no_progress, tensorboard=not args.no_tensorboard,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..api import CheckpointFormatError
+    from ..data import DataError
+    from ..engine import TrainingDivergedError, train
+    from ..engine.distributed import DistributedError
+    from ..engine.evaluate import format_metrics
     from .main import CLIError
 
-    raise CLIError("focus-detr train is not implemented yet")
+    cfg = config_from_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        result = train(cfg)
+    except TrainingDivergedError as e:
+        raise CLIError(str(e), code=3) from None
+    except (CheckpointFormatError, DataError, DistributedError) as e:
+        raise CLIError(str(e)) from None
+    from ..engine.distributed import env_dist_info
+
+    if env_dist_info().is_main:
+        if result.stopped_early:
+            print(f"stopped at iteration {result.iteration} of {result.max_iters}; checkpoint {result.last_checkpoint} "
+                  f"(continue with --resume auto)")
+        else:
+            print(f"done: {result.iteration} iterations in {result.seconds:.0f} s, {result.skipped_steps} skipped "
+                  f"step(s); weights {result.final_weights}")
+        if result.eval_metrics:
+            print(f"{cfg.val_split}: {format_metrics(result.eval_metrics)}")
+    return 0

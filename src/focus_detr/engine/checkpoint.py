@@ -1,0 +1,225 @@
+"""Training checkpoints: atomic, checksummed, loadable with ``torch.load(weights_only=True)``.
+
+A checkpoint is one ``torch.save`` file holding a dict of plain values only (dicts, lists, tuples, str,
+int, float, bool, None and tensors; no pickled objects), so it loads with ``weights_only=True`` and a
+file from an untrusted source cannot run code::
+
+    format          "focus-detr-train-checkpoint"
+    format_version  1
+    iteration       completed optimiser steps
+    model_config    focus_detr.config.config_to_dict(model.cfg): rebuilds the model from the file alone
+    train_config    the TrainConfig as a dict (for reference and resume checks)
+    model           state dict (no "module." prefix)
+    optimizer       optimizer.state_dict()
+    scheduler       the learning-rate schedule as a dict (the rate is a pure function of the iteration)
+    ema             AveragedModel state dict or None
+    grad_scaler     GradScaler state dict or None
+    rng             one entry per process (rank order): python / numpy / torch / cuda generator states
+    data            {"samples_per_process": ..., "world_size": ..., "seed": ...}: the sampler position
+    counters        {"skipped_steps": ...}
+    sha256          digest of everything above (tensor bytes included)
+
+Files are written to a temporary name in the same folder, flushed and fsync'ed, then renamed over the
+final name, so a crash never leaves a half-written file under a checkpoint name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..api import CheckpointFormatError
+
+CHECKPOINT_FORMAT = "focus-detr-train-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^checkpoint_(\d+)\.pth$")
+
+
+def checkpoint_path(run_dir: str | Path, iteration: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"checkpoint_{iteration:07d}.pth"
+
+
+# --------------------------------------------------------------------------------------------------
+# Digest of a nested structure of plain values
+
+
+def _update_digest(h: "hashlib._Hash", obj: Any, where: str) -> None:
+    if isinstance(obj, Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, Mapping):
+        h.update(f"D{len(obj)}".encode())
+        for key in sorted(obj, key=lambda k: (type(k).__name__, str(k))):
+            _update_digest(h, key, where)
+            _update_digest(h, obj[key], f"{where}/{key}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}".encode())
+        for i, item in enumerate(obj):
+            _update_digest(h, item, f"{where}[{i}]")
+    elif obj is None or isinstance(obj, (bool, int, float, str)):
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+    else:
+        # Also the guard that keeps checkpoints weights_only-safe: nothing else may go in.
+        raise TypeError(f"checkpoint entry {where or '/'} has type {type(obj).__name__}; only plain values "
+                        "and tensors may be stored")
+
+
+def tree_digest(obj: Any) -> str:
+    """sha256 over a nested structure of plain values and tensors (dict order does not matter)."""
+    h = hashlib.sha256()
+    _update_digest(h, obj, "")
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Random number generator states as plain values
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA, when initialised) generator states as tensors and plain values."""
+    version, py_state, gauss_next = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {"version": int(version), "state": torch.tensor(py_state, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+        "numpy": {"kind": str(np_kind), "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": None,
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            warnings.warn(f"checkpoint has CUDA generator states for {len(cuda)} GPU(s) but "
+                          f"{torch.cuda.device_count()} are visible; CUDA random streams are not restored")
+
+
+# --------------------------------------------------------------------------------------------------
+# Save / load
+
+
+def atomic_torch_save(payload: Any, path: Path) -> Path:
+    """``torch.save`` to a temporary file in the same folder, fsync, rename over ``path``, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return path
+
+
+def save_checkpoint(path: str | Path, content: Mapping[str, Any]) -> Path:
+    """Write ``content`` (plain values and tensors) with the format header and checksum, atomically."""
+    payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION, **content}
+    payload["sha256"] = tree_digest(payload)
+    return atomic_torch_save(payload, Path(path))
+
+
+def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
+    """Read a training checkpoint; raise :class:`~focus_detr.api.CheckpointFormatError` with the reason when
+    the file is missing, truncated, foreign, from a newer version or corrupted."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointFormatError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, foreign pickle, random bytes, ...
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise CheckpointFormatError(f"{path}: not a readable checkpoint, the file is truncated or not a PyTorch "
+                                    f"file ({type(e).__name__}: {first})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        hint = ""
+        if isinstance(payload, dict) and payload.get("format") == "focus-detr-weights":
+            hint = " It is a focus-detr weights file (model only): use it with `focus-detr eval` / `predict`."
+        elif isinstance(payload, dict) and "model" in payload:
+            hint = " It looks like a detectron2/detrex checkpoint: convert it with `focus-detr convert` first."
+        raise CheckpointFormatError(f"{path}: not a focus-detr training checkpoint.{hint}")
+    version = payload.get("format_version", 0)
+    if not isinstance(version, int) or version > CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointFormatError(f"{path}: checkpoint format version {version} is newer than this focus-detr "
+                                    f"understands ({CHECKPOINT_FORMAT_VERSION}); upgrade focus-detr")
+    if verify:
+        stored = payload.pop("sha256", None)
+        if stored is None or tree_digest(payload) != stored:
+            raise CheckpointFormatError(f"{path}: checksum mismatch, the checkpoint is corrupted")
+        payload["sha256"] = stored
+    return payload
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(iteration, path)`` of the checkpoint files in ``run_dir/checkpoints``, oldest first."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint in ``run_dir`` that reads and verifies; damaged newer ones are skipped with a
+    warning (e.g. a file cut short by a full disk)."""
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            load_checkpoint(path)
+        except CheckpointFormatError as e:
+            warnings.warn(f"skipping damaged checkpoint: {e}")
+            continue
+        return path
+    return None
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest checkpoints (``keep <= 0`` keeps everything)."""
+    if keep <= 0:
+        return
+    for _, path in list_checkpoints(run_dir)[:-keep]:
+        try:
+            path.unlink()
+        except OSError:
+            pass

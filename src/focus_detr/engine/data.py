@@ -1,0 +1,153 @@
+"""Training and evaluation data for the engine: a resumable sample stream and the DataLoaders.
+
+Training reads an endless, reproducible stream of samples (as detectron2's ``TrainingSampler``):
+position ``k`` of process ``r`` is a pure function of ``(seed, r, world_size, k)``, and so is the random
+augmentation applied to it (the item is loaded with Python's ``random`` seeded from that key). Hence
+
+* resuming at iteration ``i`` only needs ``k = i * batch_size``: the data order and the augmentations
+  continue exactly, whatever the number of DataLoader workers;
+* no sampler state has to be pickled into checkpoints.
+
+Each "epoch" of the stream is a permutation of the dataset drawn with ``torch.Generator(seed + epoch)``;
+with ``W`` processes every process reads its own ``rank::W`` slice of that permutation (padded by
+wrapping around, as ``DistributedSampler``), so the processes see disjoint images within an epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..data import CocoDetection, build_test_transforms, build_train_transforms, make_collate
+from ..data.transforms import DEFAULT_TRAIN_SCALES
+
+SampleKey = tuple[int, int, int]  # (rank, stream position, dataset index)
+
+
+class TrainingStream(Sampler[SampleKey]):
+    """Endless ``(rank, position, index)`` keys for one process, starting at stream position ``start``."""
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0,
+                 shuffle: bool = True) -> None:
+        if size <= 0:
+            raise ValueError("the training set is empty")
+        self.size = size
+        self.seed = int(seed)
+        self.rank = rank
+        self.world_size = world_size
+        self.start = int(start)
+        self.shuffle = shuffle
+        self.per_process = math.ceil(size / world_size)
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """This process's dataset indices for one pass of the stream."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        total = self.per_process * self.world_size
+        order = (order * math.ceil(total / self.size))[:total]  # pad by wrapping around
+        return order[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        k = self.start
+        epoch, cached = -1, []
+        while True:
+            e, j = divmod(k, self.per_process)
+            if e != epoch:
+                epoch, cached = e, self.epoch_indices(e)
+            yield self.rank, k, cached[j]
+            k += 1
+
+
+class SeededItems(Dataset):
+    """Wraps a dataset so item ``(rank, position, index)`` is loaded with Python's ``random`` seeded from
+    ``(seed, rank, position)`` (the data transforms draw from the global ``random``). The caller's
+    ``random`` state is restored afterwards, so this does not disturb anything else in the process."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: SampleKey) -> Any:
+        rank, position, index = key
+        saved = random.getstate()
+        random.seed(f"focus-detr/{self.seed}/{rank}/{position}")  # str seeds are hashed with sha512: stable
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(saved)
+
+
+def default_train_scales(short_side: int, max_size: int) -> tuple[tuple[int, ...], int]:
+    """The official multi-scale list (480..800 step 32, max 1333), scaled by ``short_side / 800`` for
+    models with a smaller test size (scales rounded to multiples of 8)."""
+    if short_side == 800:
+        return DEFAULT_TRAIN_SCALES, max_size
+    ratio = short_side / 800.0
+    scales = tuple(sorted({max(32, int(round(s * ratio / 8.0)) * 8) for s in DEFAULT_TRAIN_SCALES}))
+    return scales, max_size
+
+
+def split_paths(data_dir: str | Path, split: str) -> tuple[Path, Path]:
+    """``(image_dir, annotation_file)`` of a split in the COCO layout
+    ``annotations/instances_{split}.json`` + ``images/{split}/``."""
+    root = Path(data_dir)
+    return root / "images" / split, root / "annotations" / f"instances_{split}.json"
+
+
+def build_train_dataset(data_dir: str | Path, split: str, scales: Sequence[int], max_size: int,
+                        flip: bool = True, crop: bool = False) -> CocoDetection:
+    image_dir, ann = split_paths(data_dir, split)
+    transforms = build_train_transforms(scales=tuple(scales), max_size=max_size, crop=crop,
+                                        flip_p=0.5 if flip else 0.0, **(_crop_kwargs(scales) if crop else {}))
+    return CocoDetection(image_dir, ann, transforms, filter_empty=True, skip_bad=True)
+
+
+def _crop_kwargs(scales: Sequence[int]) -> dict[str, Any]:
+    # The detrex crop branch (resize to 400/500/600, crop 384..600) scaled like the scales themselves.
+    ratio = max(scales) / 800.0
+    if ratio >= 0.999:
+        return {}
+    r = lambda v: max(16, int(round(v * ratio)))  # noqa: E731
+    return {"crop_resize_sizes": tuple(r(v) for v in (400, 500, 600)), "crop_size_range": (r(384), r(600))}
+
+
+def build_eval_dataset(data_dir: str | Path, split: str, short_side: int, max_size: int,
+                       class_names: Sequence[str] | None) -> CocoDetection:
+    """Every image of the split (none filtered), test-time resize, labels in the model's label space."""
+    image_dir, ann = split_paths(data_dir, split)
+    return CocoDetection(image_dir, ann, build_test_transforms(short_side, max_size), filter_empty=False,
+                         class_names=class_names)
+
+
+def build_train_loader(dataset: CocoDetection, batch_size: int, num_workers: int, seed: int, rank: int,
+                       world_size: int, start_position: int, pixel_mean: Sequence[float],
+                       pixel_std: Sequence[float], pin_memory: bool = False) -> DataLoader:
+    """Endless DataLoader of ``(ImageBatch, targets)`` starting at stream position ``start_position``."""
+    stream = TrainingStream(len(dataset), seed, rank, world_size, start_position)
+    return DataLoader(
+        SeededItems(dataset, seed), batch_size=batch_size, sampler=stream, drop_last=True,
+        num_workers=num_workers, collate_fn=make_collate(pixel_mean, pixel_std), pin_memory=pin_memory,
+        persistent_workers=False,
+        # Own generator: creating the iterator must not consume the global torch RNG (resume exactness).
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def build_eval_loader(dataset: Dataset, indices: Sequence[int], batch_size: int, num_workers: int,
+                      pixel_mean: Sequence[float], pixel_std: Sequence[float]) -> DataLoader:
+    subset = torch.utils.data.Subset(dataset, list(indices))
+    return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=make_collate(pixel_mean, pixel_std),
+                      generator=torch.Generator().manual_seed(0))

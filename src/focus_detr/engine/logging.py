@@ -1,0 +1,143 @@
+"""What a run writes besides checkpoints: ``metrics.jsonl``, TensorBoard events, the run description.
+
+Only the main process writes; other processes get a disabled :class:`MetricsLogger`.
+
+``metrics.jsonl`` has one JSON object per line:
+
+* training rows ``{"type": "train", "iter", "loss", "loss_class", ..., "lr", "images_per_s",
+  "skipped_steps", "time"}`` (loss values are means over the logging window and over processes; the
+  individual terms are unweighted, ``loss`` is the weighted total that is optimised);
+* evaluation rows ``{"type": "eval", "iter", "split", "AP", "AP50", ...}``;
+* events ``{"type": "event", "iter", "event": "start" | "resume" | "skipped_step" | "stopped" | "done", ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+
+def _clean(value: Any) -> Any:
+    """JSON-friendly: floats stay floats (non-finite ones become strings), tensors become numbers."""
+    if hasattr(value, "item") and getattr(value, "numel", lambda: 0)() == 1:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class MetricsLogger:
+    """Appends rows to ``run_dir/metrics.jsonl`` and mirrors scalars to TensorBoard when it is installed."""
+
+    def __init__(self, run_dir: str | Path | None, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.enabled = enabled and run_dir is not None
+        self.path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
+        self._tb = None
+        if self.enabled and tensorboard:
+            try:  # optional dependency: torch.utils.tensorboard needs the `tensorboard` package
+                from torch.utils.tensorboard import SummaryWriter
+            except Exception:
+                SummaryWriter = None  # noqa: N806
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    @property
+    def tensorboard_enabled(self) -> bool:
+        return self._tb is not None
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        if not self.enabled or self.path is None:
+            return
+        row = _clean(dict(row))
+        row.setdefault("time", time.time())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None and row.get("type") in ("train", "eval"):
+            step = int(row.get("iter", 0))
+            prefix = "train" if row["type"] == "train" else f"eval_{row.get('split', 'val')}"
+            for key, value in row.items():
+                if key in ("iter", "time", "type") or not isinstance(value, (int, float)) or isinstance(value, bool):
+                    continue
+                self._tb.add_scalar(f"{prefix}/{key}", value, step)
+            self._tb.flush()
+
+    def event(self, iteration: int, event: str, **fields: Any) -> None:
+        self.write({"type": "event", "iter": iteration, "event": event, **fields})
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a ``metrics.jsonl`` (a torn last line, e.g. after a crash, is ignored)."""
+    rows = []
+    p = Path(path)
+    if not p.exists():
+        return rows
+    for line in p.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def git_revision() -> dict[str, Any]:
+    """``{"commit": sha, "dirty": bool}`` of the checkout this package runs from, or ``{}`` when it is not
+    a git checkout (e.g. an installed wheel)."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": commit, "dirty": bool(status)}
+
+
+def environment_info() -> dict[str, Any]:
+    """Versions of Python and the packages a run depends on, the git revision and the command line."""
+    import torch
+
+    versions: dict[str, str | None] = {}
+    for pkg in ("focus-detr", "torch", "numpy", "scipy", "pillow", "pycocotools", "tqdm", "tensorboard"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+        "git": git_revision(),
+        "argv": list(sys.argv),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available() else [],
+        "torch_threads": torch.get_num_threads(),
+    }
+    return info
+
+
+def write_json(path: str | Path, payload: Any) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(_clean(payload), indent=2) + "\n")
+    tmp.replace(p)

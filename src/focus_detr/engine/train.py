@@ -1,0 +1,447 @@
+"""The training loop: ``train(TrainConfig(...))`` trains Focus-DETR on a COCO-format dataset.
+
+It runs as one process (CPU or one GPU) or under ``torchrun --nproc_per_node N`` as DDP; everything that
+writes files happens on rank 0 only. One iteration = one optimiser step on ``batch_size`` images per
+process. Read :func:`train` top to bottom: set-up, resume, the loop (forward, loss, backward, clip, step,
+EMA), then logging / evaluation / checkpointing at their intervals.
+
+Run folder (``out_dir``)::
+
+    config.json            the TrainConfig, the resolved schedule / data settings, the model config
+    environment.json       package versions, git revision, command line (rewritten at each (re)start)
+    metrics.jsonl          training / evaluation rows and events (see engine/logging.py)
+    tensorboard/           when the `tensorboard` package is installed
+    checkpoints/checkpoint_XXXXXXX.pth   training checkpoints (engine/checkpoint.py), newest kept
+    eval/iter_XXXXXXX/     predictions.json, metrics.json, coco_summary.txt of each evaluation
+    model_final.pth        final weights (focus_detr.api.save format: config + state dict)
+    model_final_ema.pth    EMA weights (with --ema)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from .. import api
+from ..config import config_to_dict, make_config
+from ..losses import HungarianMatcher, SetCriterion
+from ..model import FocusDETR, build_model
+from . import checkpoint as ckpt
+from .data import build_eval_dataset, build_train_dataset, build_train_loader, default_train_scales, split_paths
+from .distributed import (DistInfo, all_gather_objects, any_true, barrier, cleanup_distributed, env_dist_info,
+                          init_distributed, mean_over_processes, resolve_device)
+from .evaluate import evaluate, format_metrics
+from .logging import MetricsLogger, environment_info, write_json
+from .optim import LRSchedule, build_optimizer, schedule_for, set_lr
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (the CLI flags of ``focus-detr train`` map onto these)."""
+
+    data_dir: str
+    out_dir: str
+    preset: str = "tiny"
+    # Model config overrides passed to build_model (e.g. {"decoder.num_queries": 100}); num_classes and
+    # class_names always come from the training set.
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    train_split: str = "train"
+    val_split: str | None = "val"  # None: no evaluation
+    # Length: a named schedule (12ep / 24ep / 36ep, scaled to this dataset) and/or max_iters.
+    schedule: str | None = "12ep"
+    max_iters: int | None = None
+    lr_steps: tuple[int, ...] | None = None
+    warmup_iters: int = 0
+    batch_size: int = 2  # per process
+    num_workers: int = 2
+    lr: float = 1e-4
+    backbone_lr: float = 1e-5
+    weight_decay: float = 1e-4
+    clip_max_norm: float = 0.1  # <= 0 disables clipping (the norm is still computed and checked)
+    train_scales: tuple[int, ...] | None = None  # None: official multi-scale list scaled to the model
+    train_max_size: int | None = None  # None: the model's test_max_size
+    flip: bool = True
+    crop: bool = False  # detrex's random-crop branch (off in the official Focus-DETR recipe)
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False  # CUDA only: bf16 autocast (fp16 + GradScaler where bf16 is unsupported)
+    ema: bool = False
+    ema_decay: float = 0.9998
+    eval_every: int = 0  # 0: evaluate at the end only
+    eval_batch_size: int = 1
+    max_eval_images: int | None = None
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3  # <= 0 keeps all
+    log_every: int = 20
+    resume: str | None = None  # None, "auto" (newest complete checkpoint in out_dir) or a path
+    max_bad_steps: int = 20  # consecutive non-finite steps tolerated before stopping
+    dist_timeout_s: float = 1800.0
+    stop_at: int | None = None  # checkpoint and stop at this iteration (pre-emption / tests)
+    deterministic: bool = False
+    backbone_weights: str | None = None  # ImageNet backbone file (torchvision / detectron2 / Swin)
+    progress: bool = True
+    tensorboard: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    iteration: int
+    max_iters: int
+    final_weights: Path | None
+    final_ema_weights: Path | None
+    last_checkpoint: Path | None
+    eval_metrics: dict[str, Any] | None
+    skipped_steps: int
+    seconds: float
+    stopped_early: bool
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _targets_to(targets: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
+    return [{k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+            for t in targets]
+
+
+def _resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        return ckpt.find_latest_checkpoint(run_dir)
+    return Path(cfg.resume)
+
+
+def _config_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _config_differences(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    norm = lambda v: list(map(norm, v)) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return [] if norm(a) == norm(b) else [f"{prefix[:-1]}: checkpoint {b!r} vs now {a!r}"]
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train (or resume) a run; see the module docstring for what is written. Under ``torchrun`` every
+    process calls this; all return a :class:`TrainResult` (``eval_metrics`` on rank 0 only)."""
+    info = env_dist_info(cfg.dist_timeout_s)
+    device = resolve_device(cfg.device, info)
+    owns_group = info.is_distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    init_distributed(info, device)
+    try:
+        return _train(cfg, info, device)
+    finally:
+        if owns_group:
+            cleanup_distributed()
+
+
+def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResult:
+    start_time = time.perf_counter()
+    run_dir = Path(cfg.out_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed + info.rank)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    use_amp = cfg.amp and device.type == "cuda"
+    if cfg.amp and not use_amp and info.is_main:
+        warnings.warn("--amp is only used on CUDA; training in float32 on the CPU")
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+
+    # ---- data and model ---------------------------------------------------------------------------
+    if "num_classes" in cfg.model_overrides or "class_names" in cfg.model_overrides:
+        raise ValueError("num_classes and class_names come from the training set's categories; do not override them")
+    base_cfg = make_config(cfg.preset, **cfg.model_overrides)  # the preset's sizes, before the classes are known
+    scales, max_size = default_train_scales(base_cfg.test_short_side, base_cfg.test_max_size)
+    scales = tuple(cfg.train_scales) if cfg.train_scales else scales
+    max_size = cfg.train_max_size or max_size
+    train_set = build_train_dataset(cfg.data_dir, cfg.train_split, scales, max_size, cfg.flip, cfg.crop)
+    model: FocusDETR = build_model(cfg.preset, num_classes=train_set.num_classes, class_names=train_set.class_names,
+                                   **cfg.model_overrides)
+    val_set = None
+    if cfg.val_split is not None:
+        if split_paths(cfg.data_dir, cfg.val_split)[1].exists():
+            val_set = build_eval_dataset(cfg.data_dir, cfg.val_split, model.cfg.test_short_side,
+                                         model.cfg.test_max_size, train_set.class_names)
+        elif info.is_main:
+            warnings.warn(f"no {split_paths(cfg.data_dir, cfg.val_split)[1]}: training without evaluation")
+
+    total_batch = cfg.batch_size * info.world_size
+    schedule = schedule_for(cfg.schedule, len(train_set), total_batch, cfg.max_iters, cfg.lr_steps, cfg.warmup_iters)
+
+    # ---- resume (or fresh start) --------------------------------------------------------------------
+    resume_path = _resolve_resume(cfg, run_dir)
+    state = ckpt.load_checkpoint(resume_path) if resume_path is not None else None
+    if state is not None:
+        diffs = _config_differences(config_to_dict(model.cfg), state["model_config"])
+        if diffs:
+            raise ValueError(f"{resume_path} was trained with another model config:\n  " + "\n  ".join(diffs[:20]))
+        model.load_state_dict(state["model"])
+    elif cfg.backbone_weights:
+        from ..backbones.weights import load_backbone_weights
+        report = load_backbone_weights(model.backbone, cfg.backbone_weights)
+        if info.is_main:
+            print(f"backbone weights: {report}")
+    model.to(device)
+    criterion = SetCriterion(model.cfg.num_classes, HungarianMatcher(), num_decoder_layers=model.cfg.decoder.num_layers)
+    optimizer = build_optimizer(model, cfg.lr, cfg.backbone_lr, cfg.weight_decay)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ema = None
+    if cfg.ema:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
+
+    start_iter, skipped_steps = 0, 0
+    rng_to_restore = None
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # a resumed run may change the lr: recompute base_lr
+            group["base_lr"] = cfg.backbone_lr if group["name"].startswith("backbone") else cfg.lr
+        if ema is not None:
+            if state.get("ema") is not None:
+                ema.load_state_dict(state["ema"])
+            elif info.is_main:
+                warnings.warn("the checkpoint has no EMA weights: the EMA starts from the current weights")
+        if scaler is not None and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
+        start_iter = int(state["iteration"])
+        skipped_steps = int(state.get("counters", {}).get("skipped_steps", 0))
+        old = LRSchedule.from_state_dict(state["scheduler"])
+        if old != schedule and info.is_main:
+            warnings.warn(f"the schedule differs from the checkpoint's ({old} -> {schedule}); using the new one")
+        data_state = state.get("data", {})
+        if (data_state.get("world_size"), data_state.get("batch_size"), data_state.get("seed")) != \
+                (info.world_size, cfg.batch_size, cfg.seed) and info.is_main:
+            warnings.warn("world size, batch size or seed differ from the checkpoint's: the data order will not "
+                          "continue exactly")
+        rngs = state.get("rng") or []
+        if info.rank < len(rngs):
+            rng_to_restore = rngs[info.rank]
+    if start_iter >= schedule.max_iters and info.is_main:
+        warnings.warn(f"the run is already at iteration {start_iter} of {schedule.max_iters}: nothing to train")
+
+    model_without_ddp = model
+    if info.is_distributed:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    loader = build_train_loader(train_set, cfg.batch_size, cfg.num_workers, cfg.seed, info.rank, info.world_size,
+                                start_iter * cfg.batch_size, model_without_ddp.cfg.pixel_mean,
+                                model_without_ddp.cfg.pixel_std, pin_memory=device.type == "cuda")
+
+    # ---- run description ----------------------------------------------------------------------------
+    logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard)
+    if info.is_main:
+        description = {
+            "train": cfg.to_dict(),
+            "resolved": {"max_iters": schedule.max_iters, "lr_milestones": list(schedule.milestones),
+                         "warmup_iters": schedule.warmup_iters, "world_size": info.world_size,
+                         "total_batch_size": total_batch, "device": str(device), "amp": use_amp,
+                         "amp_dtype": str(amp_dtype).replace("torch.", "") if use_amp else None,
+                         "train_scales": list(scales), "train_max_size": max_size,
+                         "train_images": len(train_set), "val_images": len(val_set) if val_set else 0,
+                         "class_names": list(train_set.class_names)},
+            "model": config_to_dict(model_without_ddp.cfg),
+        }
+        if state is None or not (run_dir / "config.json").exists():
+            write_json(run_dir / "config.json", description)
+        write_json(run_dir / "environment.json", {**environment_info(), "resumed_from": str(resume_path)
+                                                  if resume_path else None, "start_iteration": start_iter})
+        logger.event(start_iter, "resume" if state is not None else "start",
+                     checkpoint=str(resume_path) if resume_path else None, max_iters=schedule.max_iters)
+        print(f"training {cfg.preset} ({train_set.num_classes} classes, {len(train_set)} images) for "
+              f"{schedule.max_iters} iterations x {total_batch} images on {info.world_size} x {device}"
+              + (f", resuming at iteration {start_iter} from {resume_path}" if state is not None else ""))
+    del state
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    if rng_to_restore is not None:
+        ckpt.restore_rng_state(rng_to_restore)  # last thing before the loop: nothing may draw in between
+    model.train()
+    end_iter = min(schedule.max_iters, cfg.stop_at) if cfg.stop_at is not None else schedule.max_iters
+    loss_keys: list[str] | None = None
+    window_sum: torch.Tensor | None = None
+    window_steps, window_iters, window_start = 0, 0, time.perf_counter()
+    consecutive_bad = 0
+    last_checkpoint = ckpt.find_latest_checkpoint(run_dir) if info.is_main and start_iter > 0 else None
+    eval_metrics: dict[str, Any] | None = None
+    bar = tqdm(total=schedule.max_iters, initial=start_iter, disable=not (info.is_main and cfg.progress),
+               dynamic_ncols=True, desc="train")
+    batches = iter(loader)
+    iteration = start_iter
+    try:
+        while iteration < end_iter:
+            images, targets = next(batches)
+            images = images.to(device)
+            targets = _targets_to(targets, device)
+            set_lr(optimizer, schedule.factor(iteration))
+
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                outputs = model(images, targets)
+                losses = criterion(outputs, targets)
+                loss = criterion.total(losses)
+            optimizer.zero_grad(set_to_none=True)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            max_norm = cfg.clip_max_norm if cfg.clip_max_norm > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+            # A non-finite loss or gradient (on any process: grads are already averaged, the loss is not)
+            # skips the step instead of poisoning the weights. fp16 overflows are the GradScaler's business.
+            loss_value = float(loss.detach())
+            bad_grad = not math.isfinite(float(grad_norm)) and scaler is None
+            bad = any_true(not math.isfinite(loss_value) or bad_grad, device)
+            if bad:
+                skipped_steps += 1
+                consecutive_bad += 1
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.update()
+                if info.is_main:
+                    finite_terms = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v))}
+                    msg = (f"iteration {iteration}: non-finite loss or gradient (loss {loss_value}, grad norm "
+                           f"{float(grad_norm)}; non-finite terms: {sorted(finite_terms) or 'none'}): step skipped "
+                           f"({consecutive_bad} in a row, {skipped_steps} in total)")
+                    warnings.warn(msg)
+                    logger.event(iteration, "skipped_step", loss=loss_value, grad_norm=float(grad_norm),
+                                 nonfinite_terms=sorted(finite_terms), skipped_steps=skipped_steps)
+                if consecutive_bad >= cfg.max_bad_steps:
+                    where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else \
+                        "no checkpoint was written yet"
+                    text = (f"stopping: {consecutive_bad} consecutive steps had a non-finite loss or gradient "
+                            f"(iteration {iteration}); {where}. Lower --lr, check the data, or raise "
+                            "--max-bad-steps; resume with --resume auto.")
+                    logger.event(iteration, "stopped", reason="non-finite", skipped_steps=skipped_steps)
+                    raise TrainingDivergedError(text)
+            else:
+                consecutive_bad = 0
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                if ema is not None:
+                    ema.update_parameters(model_without_ddp)
+                if loss_keys is None:
+                    loss_keys = sorted(losses)
+                values = torch.stack([loss.detach().float()] + [losses[k].detach().float() for k in loss_keys]
+                                     + [grad_norm.detach().float().to(loss.device)])
+                window_sum = values if window_sum is None else window_sum + values
+                window_steps += 1
+            iteration += 1
+            window_iters += 1
+            bar.update(1)
+
+            # ---- logging ----------------------------------------------------------------------------
+            if iteration % cfg.log_every == 0 or iteration == end_iter:
+                elapsed = time.perf_counter() - window_start
+                row: dict[str, float] = {}
+                if window_sum is not None and window_steps:
+                    mean = (window_sum / window_steps).tolist()
+                    names = ["loss"] + (loss_keys or []) + ["grad_norm"]
+                    row = dict(zip(names, mean))
+                row = mean_over_processes(row, device) if loss_keys is not None else row
+                images_per_s = window_iters * total_batch / max(elapsed, 1e-9)
+                if info.is_main:
+                    logger.write({"type": "train", "iter": iteration, **row,
+                                  "lr": optimizer.param_groups[-1]["lr"], "images_per_s": images_per_s,
+                                  "skipped_steps": skipped_steps})
+                    bar.set_postfix(loss=f"{row.get('loss', float('nan')):.3f}", img_s=f"{images_per_s:.1f}",
+                                    skipped=skipped_steps)
+                window_sum, window_steps, window_iters, window_start = None, 0, 0, time.perf_counter()
+
+            # ---- evaluation -------------------------------------------------------------------------
+            final = iteration == schedule.max_iters
+            if val_set is not None and ((cfg.eval_every > 0 and iteration % cfg.eval_every == 0) or final):
+                eval_model = ema.module if ema is not None else model_without_ddp
+                metrics = evaluate(eval_model, val_set, device, run_dir / "eval" / f"iter_{iteration:07d}", info,
+                                   cfg.eval_batch_size, 0, cfg.max_eval_images,
+                                   extra={"iter": iteration, "split": cfg.val_split, "ema": ema is not None})
+                if info.is_main and metrics is not None:
+                    eval_metrics = metrics
+                    logger.write({"type": "eval", "iter": iteration, "split": cfg.val_split,
+                                  **{k: v for k, v in metrics.items() if k not in ("summary", "per_class")}})
+                    bar.write(f"[iter {iteration}] {cfg.val_split}: {format_metrics(metrics)}")
+                model.train()
+
+            # ---- checkpoint -------------------------------------------------------------------------
+            if iteration % cfg.checkpoint_every == 0 or iteration == end_iter:
+                # Every process's generator states (DDP ranks draw different denoising noise).
+                rngs = all_gather_objects(ckpt.capture_rng_state())
+                if info.is_main:
+                    last_checkpoint = ckpt.save_checkpoint(ckpt.checkpoint_path(run_dir, iteration), {
+                        "iteration": iteration,
+                        "model_config": config_to_dict(model_without_ddp.cfg),
+                        "train_config": cfg.to_dict(),
+                        "model": {k: v.detach().cpu() for k, v in model_without_ddp.state_dict().items()},
+                        "optimizer": _to_cpu(optimizer.state_dict()),
+                        "scheduler": schedule.state_dict(),
+                        "ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()} if ema is not None else None,
+                        "grad_scaler": scaler.state_dict() if scaler is not None else None,
+                        "rng": rngs,
+                        "data": {"samples_per_process": iteration * cfg.batch_size, "batch_size": cfg.batch_size,
+                                 "world_size": info.world_size, "seed": cfg.seed},
+                        "counters": {"skipped_steps": skipped_steps},
+                    })
+                    ckpt.prune_checkpoints(run_dir, cfg.keep_checkpoints)
+                barrier()
+    finally:
+        bar.close()
+        del batches  # shuts DataLoader workers down
+
+    # ---- the end ------------------------------------------------------------------------------------
+    stopped_early = iteration < schedule.max_iters
+    final_weights = final_ema = None
+    if info.is_main:
+        if not stopped_early:
+            final_weights = api.save(model_without_ddp, run_dir / "model_final.pth",
+                                     extra={"iteration": iteration, "ema": False})
+            if ema is not None:
+                final_ema = api.save(ema.module, run_dir / "model_final_ema.pth",
+                                     extra={"iteration": iteration, "ema": True})
+        logger.event(iteration, "stopped" if stopped_early else "done", skipped_steps=skipped_steps,
+                     seconds=time.perf_counter() - start_time)
+        logger.close()
+    barrier()
+    return TrainResult(run_dir, iteration, schedule.max_iters, final_weights, final_ema, last_checkpoint,
+                       eval_metrics, skipped_steps, time.perf_counter() - start_time, stopped_early)
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_cpu(v) for v in obj)
+    return obj
