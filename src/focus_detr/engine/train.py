@@ -326,20 +326,21 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
                 if scaler is not None:
                     scaler.update()
                 if info.is_main:
-                    finite_terms = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v))}
-                    msg = (f"iteration {iteration}: non-finite loss or gradient (loss {loss_value}, grad norm "
+                    finite_terms = {k: float(v.detach()) for k, v in losses.items()
+                                    if not math.isfinite(float(v.detach()))}
+                    msg = (f"step {iteration + 1}: non-finite loss or gradient (loss {loss_value}, grad norm "
                            f"{float(grad_norm)}; non-finite terms: {sorted(finite_terms) or 'none'}): step skipped "
                            f"({consecutive_bad} in a row, {skipped_steps} in total)")
                     warnings.warn(msg)
-                    logger.event(iteration, "skipped_step", loss=loss_value, grad_norm=float(grad_norm),
+                    logger.event(iteration + 1, "skipped_step", loss=loss_value, grad_norm=float(grad_norm),
                                  nonfinite_terms=sorted(finite_terms), skipped_steps=skipped_steps)
                 if consecutive_bad >= cfg.max_bad_steps:
                     where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else \
                         "no checkpoint was written yet"
                     text = (f"stopping: {consecutive_bad} consecutive steps had a non-finite loss or gradient "
-                            f"(iteration {iteration}); {where}. Lower --lr, check the data, or raise "
+                            f"(steps {iteration + 2 - consecutive_bad}..{iteration + 1}); {where}. Lower --lr, check the data, or raise "
                             "--max-bad-steps; resume with --resume auto.")
-                    logger.event(iteration, "stopped", reason="non-finite", skipped_steps=skipped_steps)
+                    logger.event(iteration + 1, "stopped", reason="non-finite", skipped_steps=skipped_steps)
                     raise TrainingDivergedError(text)
             else:
                 consecutive_bad = 0
@@ -393,7 +394,9 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
                 model.train()
 
             # ---- checkpoint -------------------------------------------------------------------------
-            if iteration % cfg.checkpoint_every == 0 or iteration == end_iter:
+            # Periodic checkpoints are not written during a run of non-finite steps, so the newest one stays
+            # a healthy state (and pruning never removes the last healthy ones).
+            if (iteration % cfg.checkpoint_every == 0 and consecutive_bad == 0) or iteration == end_iter:
                 # Every process's generator states (DDP ranks draw different denoising noise).
                 rngs = all_gather_objects(ckpt.capture_rng_state())
                 if info.is_main:
