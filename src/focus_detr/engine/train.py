@@ -39,8 +39,8 @@ from ..losses import HungarianMatcher, SetCriterion
 from ..model import FocusDETR, build_model
 from . import checkpoint as ckpt
 from .data import build_eval_dataset, build_train_dataset, build_train_loader, default_train_scales, split_paths
-from .distributed import (DistInfo, all_gather_objects, any_true, barrier, cleanup_distributed, env_dist_info,
-                          init_distributed, mean_over_processes, resolve_device)
+from .distributed import (DistInfo, DistributedError, all_gather_objects, any_true, barrier, cleanup_distributed,
+                          env_dist_info, init_distributed, mean_over_processes, resolve_device)
 from .evaluate import evaluate, format_metrics
 from .logging import MetricsLogger, environment_info, write_json
 from .optim import LRSchedule, build_optimizer, schedule_for, set_lr
@@ -117,6 +117,9 @@ class TrainResult:
     skipped_steps: int
     seconds: float
     stopped_early: bool
+    # The trained model (unwrapped from DDP, on its training device) and its EMA copy, for API callers.
+    model: FocusDETR | None = field(default=None, repr=False)
+    ema_model: FocusDETR | None = field(default=None, repr=False)
 
 
 def seed_everything(seed: int) -> None:
@@ -157,9 +160,28 @@ def train(cfg: TrainConfig) -> TrainResult:
     init_distributed(info, device)
     try:
         return _train(cfg, info, device)
+    except (DistributedError, TrainingDivergedError):
+        raise
+    except Exception as e:
+        # A collective inside DDP's backward or the criterion failed: say what it probably means.
+        if info.is_distributed and _is_collective_failure(e):
+            raise DistributedError(
+                f"rank {info.rank}: a collective operation failed ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
+                f"Another process of the job probably died or hangs; collectives time out after "
+                f"{info.timeout_s:g} s (--dist-timeout).") from e
+        raise
     finally:
         if owns_group:
             cleanup_distributed()
+
+
+def _is_collective_failure(error: BaseException) -> bool:
+    dist_error = getattr(torch.distributed, "DistError", None)
+    if dist_error is not None and isinstance(error, dist_error):
+        return True
+    text = str(error)
+    return any(s in text for s in ("Gloo", "gloo", "NCCL", "Connection closed", "Connection reset", "timed out",
+                                   "Timed out", "Socket Timeout"))
 
 
 def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResult:
@@ -435,7 +457,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
         logger.close()
     barrier()
     return TrainResult(run_dir, iteration, schedule.max_iters, final_weights, final_ema, last_checkpoint,
-                       eval_metrics, skipped_steps, time.perf_counter() - start_time, stopped_early)
+                       eval_metrics, skipped_steps, time.perf_counter() - start_time, stopped_early,
+                       model_without_ddp.eval(), ema.module.eval() if ema is not None else None)
 
 
 def _to_cpu(obj: Any) -> Any:
