@@ -12,6 +12,16 @@ from focus_detr.engine.checkpoint import list_checkpoints
 from focus_detr.engine.data import TrainingStream
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on a 2-core machine shared with other work, OpenMP threads spinning against each
+    other make these small training runs many times slower (restored afterwards)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")

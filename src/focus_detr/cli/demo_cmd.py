@@ -163,6 +163,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _draw_predictions(model, dataset, out_dir: Path, count: int, score_threshold: float = 0.4) -> list[Path]:
     """Draw the detections of the first ``count`` images of ``dataset`` (original resolution)."""
+    from PIL import Image
+
+    from ..data import load_image
     from ..viz.draw import draw_detections
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -170,13 +173,11 @@ def _draw_predictions(model, dataset, out_dir: Path, count: int, score_threshold
     for idx in range(min(count, len(dataset))):
         meta = dataset.get_image_info(idx)
         det = model.predict(str(meta["path"]))
-        from ..data import load_image
-
-        image = load_image(meta["path"])
-        picture = draw_detections(image, det.boxes, det.scores, det.labels, model.cfg.class_names,
+        # The images are small (256 px wide): draw on a 2x enlargement so the tags stay readable.
+        image = Image.fromarray(load_image(meta["path"]))
+        image = image.resize((image.width * 2, image.height * 2), Image.BILINEAR)
+        picture = draw_detections(image, det.boxes * 2, det.scores, det.labels, model.cfg.class_names,
                                   score_threshold=score_threshold)
-        # Native images are small (256 px wide): enlarge so the tags are readable.
-        picture = picture.resize((picture.width * 2, picture.height * 2))
         path = out_dir / f"{Path(meta['file_name']).stem}.png"
         picture.save(path)
         written.append(path)
