@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Run every benchmark behind benchmarks/RESULTS.md, one after another, and write a Markdown summary.
+
+    python benchmarks/run_all.py                 # the RESULTS.md runs (about an hour on a 2-core CPU)
+    python benchmarks/run_all.py --quick         # smoke run: tiny preset, small sizes, 1 round
+    python benchmarks/run_all.py --out-dir DIR --threads 2
+
+JSON reports and ``summary.md`` go to ``--out-dir``; latency plots to ``benchmarks/`` (``--quick``: out-dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def runs(out: str, threads: int, quick: bool) -> list[tuple[str, list[str]]]:
+    t = ["--threads", str(threads)]
+    cli = [sys.executable, "-m", "focus_detr.cli.main", "benchmark"]
+    plots = out if quick else HERE
+    if quick:
+        return [
+            ("model", cli + ["--preset", "tiny", "--size", "128x160", "--repeats", "1", *t,
+                             "--output", f"{out}/model.json", "--plot", f"{plots}/latency_quick.png"]),
+            ("train_step", [sys.executable, f"{HERE}/bench_train_step.py", "--size", "128x160", "--steps", "2",
+                            "--warmup", "1", *t, "--json", f"{out}/train_step.json"]),
+        ]
+    return [
+        # the detector as it would be with its backbone computed once per forward (see RESULTS.md)
+        ("r50_backbone_once", cli + ["--size", "800x1333,480x640", "--repeats", "5", *t, "--backbone-once",
+                                     "--output", f"{out}/r50_backbone_once.json",
+                                     "--plot", f"{plots}/latency_r50_backbone_once.png"]),
+        # the detector as committed
+        ("r50_as_shipped", cli + ["--size", "800x1333", "--repeats", "3", *t, "--no-anchor",
+                                  "--output", f"{out}/r50_as_shipped.json",
+                                  "--plot", f"{plots}/latency_r50_as_shipped.png"]),
+        ("train_step", [sys.executable, f"{HERE}/bench_train_step.py", *t, "--json", f"{out}/train_step.json"]),
+        ("train_step_backbone_once", [sys.executable, f"{HERE}/bench_train_step.py", *t, "--backbone-once",
+                                      "--json", f"{out}/train_step_backbone_once.json"]),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out-dir", default=os.path.join(tempfile.gettempdir(), "focus-detr-bench"))
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--quick", action="store_true", help="smoke run with the tiny preset")
+    p.add_argument("--only", default=None, help="comma-separated run names to do (default: all)")
+    args = p.parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.path.join(HERE, "..", "src") + os.pathsep + env.get("PYTHONPATH", "")
+    selected = set(args.only.split(",")) if args.only else None
+    failed = []
+    for name, cmd in runs(args.out_dir, args.threads, args.quick):
+        if selected and name not in selected:
+            continue
+        print(f"==> {name}: {' '.join(cmd)}", flush=True)
+        with open(os.path.join(args.out_dir, f"{name}.txt"), "w") as log:
+            code = subprocess.run(cmd, stdout=log, env=env).returncode
+        if code:
+            failed.append(name)
+            print(f"    failed with exit code {code}", flush=True)
+
+    sys.path.insert(0, os.path.join(HERE, "..", "src"))
+    from focus_detr.bench import format_report, format_train_step
+
+    parts = []
+    for name in sorted(os.listdir(args.out_dir)):
+        path = os.path.join(args.out_dir, name)
+        if not name.endswith(".json"):
+            continue
+        with open(path) as f:
+            data = json.load(f)
+        parts.append(f"## {name[:-5]}\n")
+        if "results" in data:
+            parts.append(format_report(data, markdown=True))
+        elif "modes" in data:
+            parts.append("\n".join(format_train_step(data, markdown=True)) + "\n")
+    with open(os.path.join(args.out_dir, "summary.md"), "w") as f:
+        f.write("\n".join(parts))
+    print(f"summary: {os.path.join(args.out_dir, 'summary.md')}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

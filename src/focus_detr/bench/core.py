@@ -1,0 +1,319 @@
+"""``run_benchmark``: parameters, GFLOPs and latency by stage of the focus / dense / sparse encoder modes on the
+same weights and inputs, peak memory per mode, and the optional transformers Deformable DETR anchor."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..config import FocusDETRConfig, make_config
+from ..ops.ms_deform_attn import current_implementation
+from .anchor import ANCHOR_NAME, anchor_inputs, anchor_modules, anchor_unavailable_reason, build_anchor, describe_anchor
+from .flops import SAMPLING_MACS_PER_POINT_CHANNEL, count_flops, count_stage_flops
+from .memory import measure_peak_memory
+from .models import MODES, backbone_module, build_mode_models, encoder_tokens, is_resnet50, make_batch, parameter_counts
+from .timing import interleaved, summarize, timed_modules, timed_stages
+
+SCHEMA = "focus-detr-benchmark/1"
+# Stages in forward order (the detector's stage markers); "total" is the whole forward call.
+STAGES = ("backbone", "preparation", "token_selection", "encoder", "query_selection", "decoder")
+STAGE_NOTES = {
+    "backbone": "backbone + neck (ChannelMapper)",
+    "preparation": "masks, position embeddings, flattening, reference points",
+    "token_selection": "foreground token selector + top-k plans (nothing in dense mode)",
+    "encoder": "6 encoder layers (focus: MCSP/OESM + deformable attention on the kept tokens)",
+    "query_selection": "two-stage proposals: token projection, proposal heads, top-k queries",
+    "decoder": "6 decoder layers + class/box heads",
+    "total": "whole forward (batched, normalised input)",
+}
+RATIOS = (("focus", "dense"), ("sparse", "dense"))
+
+# FlopCounterMode count of the official Focus-DETR R50 (detrex code, eval, no denoising) on one 800x1333
+# image, from tests/fixtures/official_parity/manifest.json "flops" (2 FLOP per MAC; grid_sample not counted).
+OFFICIAL_R50_800x1333 = {
+    "total": 363_488_110_464,
+    "backbone": 174_666_598_400,
+    "neck": 10_257_170_432,
+    "transformer": 176_879_656_832,
+    "grid_sample_output_elements": 185_962_496,
+}
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        if names:
+            cpu = names[0]
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu, "logical_cpus": os.cpu_count(), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "platform": platform.platform(), "device": str(device),
+        "msda_implementation": current_implementation(),
+    }
+    from ..ops import ms_deform_attn as msda
+
+    resolve = getattr(msda, "implementation_for", None)  # "auto" -> what runs on this device
+    if resolve is not None:
+        info["msda_implementation_running"] = resolve(device)
+    try:
+        info["load_average"] = list(os.getloadavg())
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _official_check(flops, cfg: FocusDETRConfig, size: tuple[int, int], batch: int) -> dict[str, Any] | None:
+    """Our focus-mode count vs the official model's (same counter, same input size)."""
+    if not (is_resnet50(cfg) and tuple(size) == (800, 1333) and batch == 1):
+        return None
+    neck = flops.by_module.get("neck", 0)
+    backbone = flops.by_module.get("backbone", 0)
+    counter_total = sum(flops.counter.values())
+    ours = {"total": counter_total, "backbone": backbone, "neck": neck,
+            "transformer": counter_total - backbone - neck,
+            "grid_sample_output_elements": flops.sampling_elements}
+    return {
+        "note": "FlopCounterMode only (deformable sampling excluded on both sides), GFLOP = 1e9 FLOP, 2 FLOP/MAC",
+        "official_gflops": {k: v / 1e9 for k, v in OFFICIAL_R50_800x1333.items() if k != "grid_sample_output_elements"},
+        "ours_gflops": {k: v / 1e9 for k, v in ours.items() if k != "grid_sample_output_elements"},
+        "ours_over_official": {k: _ratio(ours[k], OFFICIAL_R50_800x1333[k]) for k in ours},
+        "sampled_values": {"official": OFFICIAL_R50_800x1333["grid_sample_output_elements"],
+                           "ours": flops.sampling_elements},
+    }
+
+
+def run_benchmark(
+    preset: str | FocusDETRConfig = "r50_4scale",
+    sizes: Sequence[tuple[int, int]] = ((800, 1333),),
+    modes: Sequence[str] = MODES,
+    repeats: int = 5,
+    warmup: int = 1,
+    batch: int = 1,
+    threads: int | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    memory: bool = True,
+    anchor: bool = True,
+    backbone_once: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Benchmark the encoder modes of ``preset`` on the same weights and inputs.
+
+    For each size: parameters, GFLOPs by stage (FlopCounterMode + deformable sampling, see
+    :mod:`focus_detr.bench.flops`), median latency by stage over ``repeats`` interleaved rounds (after
+    ``warmup`` rounds), the ratios focus/dense and sparse/dense, peak memory per mode (fresh process each),
+    and -- for ResNet-50 presets with transformers installed -- the Deformable DETR anchor timed in the same
+    rounds. ``backbone_once`` wraps each model's backbone in :class:`~focus_detr.bench.models.BackboneOnce`
+    (see there: a workaround measuring the detector as if it ran its backbone once per forward). Returns a
+    JSON-serialisable dict (see ``benchmarks/README.md`` for its layout).
+    """
+    say = progress or (lambda _msg: None)
+    if threads:
+        torch.set_num_threads(threads)
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    if batch < 1:
+        raise ValueError("batch must be >= 1")
+    modes = list(dict.fromkeys(modes))
+    if not modes:
+        raise ValueError("no encoder modes given")
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"unknown encoder mode {mode!r}; choose from {', '.join(MODES)}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but torch.cuda.is_available() is False")
+    cfg = make_config(preset)
+    preset_name = preset if isinstance(preset, str) else "custom"
+
+    say(f"building {', '.join(modes)} models ({preset_name}, seed {seed})")
+    models, not_shared = build_mode_models(cfg, modes, seed, dev, backbone_once=backbone_once)
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "meta": machine_info(dev),
+        "preset": preset_name,
+        "modes": modes,
+        "stages": list(STAGES) + ["total"],
+        "stage_notes": STAGE_NOTES,
+        "settings": {"repeats": repeats, "warmup": warmup, "batch": batch, "seed": seed,
+                     "interleaved": True, "statistic": "median", "backbone_once": backbone_once},
+        "flop_convention": (f"GFLOP = 1e9 FLOP, 2 FLOP per multiply-add (FlopCounterMode); deformable sampling "
+                            f"added as 2*{SAMPLING_MACS_PER_POINT_CHANNEL}*B*Q*heads*levels*points*head_dim"),
+        "weights": {"seed": seed, "source": "focus-mode model (random init); other modes load its state dict",
+                    "not_shared": not_shared},
+        "params": {m: parameter_counts(models[m]) for m in modes},
+        "results": [],
+    }
+
+    want_anchor = anchor
+    anchor_model = None
+    if want_anchor:
+        reason = anchor_unavailable_reason()
+        if reason is None and not is_resnet50(cfg):
+            reason = f"the anchor is a ResNet-50 detector; preset {preset_name!r} is not ResNet-50"
+        if reason is None:
+            say("building the transformers Deformable DETR anchor (random init, no download)")
+            anchor_model = build_anchor(cfg.num_classes, seed).to(dev)
+            report["anchor"] = describe_anchor(anchor_model)
+        else:
+            say(f"anchor skipped: {reason}")
+            report["anchor"] = {"skipped": reason}
+    else:
+        report["anchor"] = {"skipped": "disabled (--no-anchor)"}
+
+    for size in sizes:
+        size = (int(size[0]), int(size[1]))
+        batch_ = make_batch(models[modes[0]], size, batch, seed).to(dev)
+        entry: dict[str, Any] = {"size": list(size), "batch": batch, "modes": {}, "tokens": {}, "flop_details": {}}
+
+        # ---- FLOPs (one counted forward per mode) --------------------------------------------------------
+        flops = {}
+        for mode in modes:
+            say(f"{size[0]}x{size[1]}: counting FLOPs of {mode}")
+            model = models[mode]
+            calls = []
+            handle = backbone_module(model).register_forward_hook(lambda *_: calls.append(1))
+            try:
+                with torch.no_grad():
+                    count, outputs = count_stage_flops(model, lambda model=model: model(batch_))
+            finally:
+                handle.remove()
+            flops[mode] = count
+            entry.setdefault("backbone_calls_per_forward", {})[mode] = len(calls)
+            entry["tokens"][mode] = encoder_tokens(outputs, model.cfg.encoder.num_layers)
+            entry["flop_details"][mode] = {
+                "by_module_gflops": {k: v / 1e9 for k, v in count.by_module.items()},
+                "by_op_gflops": {k: v / 1e9 for k, v in count.by_op.items()},
+                "sampling_gflops": {k: v / 1e9 for k, v in count.sampling.items()},
+                "sampled_values": count.sampling_elements,
+            }
+            del outputs
+
+        # ---- latency (interleaved rounds) ------------------------------------------------------------------
+        runners: dict[str, Callable[[], dict[str, float]]] = {}
+        for mode in modes:
+            model = models[mode]
+
+            def run_mode(model=model) -> dict[str, float]:
+                with torch.no_grad():
+                    return timed_stages(model, lambda: model(batch_), dev)
+
+            runners[mode] = run_mode
+        if anchor_model is not None:
+            inputs = anchor_inputs(batch_.tensor, batch_.padding_mask)
+            modules = anchor_modules(anchor_model)
+
+            def run_anchor() -> dict[str, float]:
+                with torch.no_grad():
+                    return timed_modules(anchor_model, lambda: anchor_model(**inputs), modules, dev)
+
+            runners[ANCHOR_NAME] = run_anchor
+        say(f"{size[0]}x{size[1]}: timing {', '.join(runners)} ({warmup} warm-up + {repeats} interleaved rounds)")
+        samples = interleaved(runners, repeats, warmup, progress=say)
+
+        for mode in modes:
+            timing = summarize(samples[mode])
+            stages: dict[str, dict[str, Any]] = {}
+            for stage in list(STAGES) + ["total"]:
+                t = timing.get(stage, {"median_ms": 0.0, "min_ms": 0.0, "max_ms": 0.0, "spread": 0.0, "ms_all": []})
+                if stage == "total":
+                    c, s = sum(flops[mode].counter.values()), sum(flops[mode].sampling.values())
+                else:
+                    c, s = flops[mode].counter.get(stage, 0), flops[mode].sampling.get(stage, 0)
+                stages[stage] = {"ms": t["median_ms"], "min_ms": t["min_ms"], "max_ms": t["max_ms"],
+                                 "spread": t["spread"], "ms_all": t["ms_all"],
+                                 "gflops": (c + s) / 1e9, "gflops_counter": c / 1e9, "gflops_sampling": s / 1e9}
+            entry["modes"][mode] = {"stages": stages}
+
+        entry["ratios"] = {}
+        for a, b in RATIOS:
+            if a in modes and b in modes:
+                table = {}
+                for stage in list(STAGES) + ["total"]:
+                    sa, sb = entry["modes"][a]["stages"][stage], entry["modes"][b]["stages"][stage]
+                    # A stage that does no work in the reference mode (token selection in dense mode) has
+                    # no meaningful ratio.
+                    absent = sb["gflops"] == 0 and sa["gflops"] > 0
+                    table[stage] = {"ms": None if absent else _ratio(sa["ms"], sb["ms"]),
+                                    "gflops": _ratio(sa["gflops"], sb["gflops"])}
+                entry["ratios"][f"{a}/{b}"] = table
+
+        if anchor_model is not None:
+            say(f"{size[0]}x{size[1]}: counting FLOPs of the anchor")
+            with torch.no_grad():
+                aflops = count_flops(anchor_model, lambda: anchor_model(**inputs))
+            timing = summarize(samples[ANCHOR_NAME])
+            anchor_entry: dict[str, Any] = {
+                "stages_ms": {k: v["median_ms"] for k, v in timing.items()},
+                "total": {"ms": timing["total"]["median_ms"], "min_ms": timing["total"]["min_ms"],
+                          "max_ms": timing["total"]["max_ms"], "spread": timing["total"]["spread"],
+                          "ms_all": timing["total"]["ms_all"], "gflops": aflops.total() / 1e9,
+                          "gflops_sampling": sum(aflops.sampling.values()) / 1e9},
+                "by_module_gflops": {k: v / 1e9 for k, v in aflops.by_module.items()},
+            }
+            for mode in modes:
+                ours = entry["modes"][mode]["stages"]["total"]["ms"]
+                anchor_entry[f"{mode}/anchor_ms"] = _ratio(ours, anchor_entry["total"]["ms"])
+            entry["anchor"] = anchor_entry
+
+        if "focus" in modes:
+            check = _official_check(flops["focus"], cfg, size, batch)
+            if check:
+                entry["official_flop_check"] = check
+
+        if memory:
+            say(f"{size[0]}x{size[1]}: peak memory, one fresh process per mode")
+            mem_modes = list(modes) + ([ANCHOR_NAME] if anchor_model is not None else [])
+            if dev.type != "cpu" or isinstance(preset, str):
+                entry["memory"] = measure_peak_memory(preset_name, mem_modes, size, batch, seed, device,
+                                                      torch.get_num_threads(), backbone_once=backbone_once)
+            else:
+                entry["memory"] = {"skipped": "peak memory needs a named preset (the child process rebuilds it)"}
+        else:
+            entry["memory"] = {"skipped": "disabled (--no-memory)"}
+        report["results"].append(entry)
+
+    report["targets"] = evaluate_targets(report)
+    return report
+
+
+def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets (R50, 800x1333, CPU) that this report can decide."""
+    targets = []
+    for entry in report["results"]:
+        if entry["size"] != [800, 1333]:
+            continue
+        ratios = entry.get("ratios", {}).get("focus/dense")
+        if ratios:
+            targets.append({"name": "encoder latency focus/dense", "value": ratios["encoder"]["ms"], "limit": 0.45,
+                            "met": ratios["encoder"]["ms"] is not None and ratios["encoder"]["ms"] <= 0.45})
+            targets.append({"name": "whole-model latency focus/dense", "value": ratios["total"]["ms"], "limit": 0.65,
+                            "met": ratios["total"]["ms"] is not None and ratios["total"]["ms"] <= 0.65})
+            targets.append({"name": "encoder GFLOPs focus/dense (information)", "value": ratios["encoder"]["gflops"],
+                            "limit": None, "met": None})
+            targets.append({"name": "whole-model GFLOPs focus/dense (paper: about 0.55)",
+                            "value": ratios["total"]["gflops"], "limit": None, "met": None})
+        anchor = entry.get("anchor")
+        if anchor and anchor.get("focus/anchor_ms") is not None:
+            value = anchor["focus/anchor_ms"]
+            targets.append({"name": "latency focus / transformers Deformable DETR", "value": value, "limit": 1.0,
+                            "met": value < 1.0})
+    return targets

@@ -1,0 +1,148 @@
+"""Text / Markdown tables and plots of a :func:`~focus_detr.bench.core.run_benchmark` report."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def _f(value: float | None, fmt: str = "{:.1f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _table(header: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return lines
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
+    fmt = lambda cells: "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i])  # noqa: E731
+                                   for i, c in enumerate(cells))
+    return [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
+
+
+def stage_rows(entry: dict[str, Any], modes: list[str], stages: list[str], key: str, fmt: str) -> tuple[list[str], list[list[str]]]:
+    ratio_names = list(entry.get("ratios", {}))
+    header = ["stage"] + [f"{m}" for m in modes] + ratio_names
+    rows = []
+    for stage in stages:
+        row = [stage] + [_f(entry["modes"][m]["stages"][stage][key], fmt) for m in modes]
+        row += [_f(entry["ratios"][r][stage][key if key != "gflops_counter" else "gflops"], "{:.2f}") for r in ratio_names]
+        rows.append(row)
+    return header, rows
+
+
+def format_report(report: dict[str, Any], markdown: bool = False) -> str:
+    """Human-readable tables: latency and GFLOPs by stage per mode with ratios, memory, anchor, targets."""
+    meta = report["meta"]
+    modes, stages = report["modes"], report["stages"]
+    s = report["settings"]
+    out: list[str] = []
+    h = "### " if markdown else ""
+    for entry in report["results"]:
+        hw = f"{entry['size'][0]}x{entry['size'][1]}"
+        out.append(f"{h}{report['preset']} at {hw}, batch {entry['batch']}, {meta['device']}, "
+                   f"{meta['torch_threads']} threads: median of {s['repeats']} interleaved runs "
+                   f"(after {s['warmup']} warm-up)")
+        out.append("")
+        header, rows = stage_rows(entry, modes, stages, "ms", "{:.1f}")
+        out.append("Latency (ms) by stage" + (":" if not markdown else ""))
+        out.append("")
+        out += _table(header, rows, markdown)
+        out.append("")
+        header, rows = stage_rows(entry, modes, stages, "gflops", "{:.2f}")
+        out.append("GFLOPs by stage (FlopCounterMode + deformable sampling, 2 FLOP/MAC)" + (":" if not markdown else ""))
+        out.append("")
+        out += _table(header, rows, markdown)
+        out.append("")
+        spread = {m: entry["modes"][m]["stages"]["total"]["spread"] for m in modes}
+        out.append("Run-to-run spread of the total ((max-min)/median): "
+                   + ", ".join(f"{m} {v * 100:.0f}%" for m, v in spread.items()))
+        calls = entry.get("backbone_calls_per_forward", {})
+        if calls:
+            note = ""
+            if any(v > 1 for v in calls.values()):
+                note = " -- the detector recomputes its backbone; `--backbone-once` measures it computed once"
+            elif report["settings"].get("backbone_once"):
+                note = " (with the --backbone-once workaround)"
+            out.append("Backbone computations per forward: " + ", ".join(f"{m} {v}" for m, v in calls.items()) + note)
+        tokens = entry.get("tokens", {})
+        if tokens:
+            out.append("Tokens updated per encoder layer: " + "; ".join(
+                f"{m} {t['per_layer']} of N={t['num_tokens']} ({t['fraction_updated'] * 100:.0f}%)"
+                for m, t in tokens.items()))
+        out.append("")
+        mem = entry.get("memory", {})
+        if "skipped" in mem:
+            out.append(f"Peak memory: skipped ({mem['skipped']})")
+        elif mem:
+            rows = []
+            for m, r in mem.items():
+                if "error" in r:
+                    rows.append([m, "error", r["error"][:60], ""])
+                else:
+                    rows.append([m, _f(r.get("peak_mb"), "{:.0f}"), _f(r.get("before_mb"), "{:.0f}"),
+                                 _f(r.get("increase_mb"), "{:.0f}")])
+            method = next((r.get("method") for r in mem.values() if "method" in r), "")
+            out.append(f"Peak memory of one inference, fresh process per mode ({method})" + (":" if not markdown else ""))
+            out.append("")
+            out += _table(["mode", "peak MiB", "before MiB", "increase MiB"], rows, markdown)
+        out.append("")
+        anchor = entry.get("anchor")
+        if anchor:
+            st = anchor["stages_ms"]
+            out.append(f"Anchor: transformers Deformable DETR (two-stage, R50, random init): total "
+                       f"{anchor['total']['ms']:.1f} ms (backbone {st.get('backbone', 0):.1f}, encoder "
+                       f"{st.get('encoder', 0):.1f}, decoder {st.get('decoder', 0):.1f}), "
+                       f"{anchor['total']['gflops']:.1f} GFLOPs; "
+                       + ", ".join(f"{m}/anchor latency {anchor[f'{m}/anchor_ms']:.2f}" for m in modes))
+            out.append("")
+        check = entry.get("official_flop_check")
+        if check:
+            o, u = check["official_gflops"], check["ours_gflops"]
+            out.append("Focus mode vs the official model's FlopCounterMode count (GFLOP, sampling excluded): "
+                       + ", ".join(f"{k} {u[k]:.1f} vs {o[k]:.1f}" for k in o)
+                       + f"; sampled values {check['sampled_values']['ours']} vs {check['sampled_values']['official']}")
+            out.append("")
+    anchor_info = report.get("anchor", {})
+    if "skipped" in anchor_info:
+        out.append(f"Anchor skipped: {anchor_info['skipped']}")
+        out.append("")
+    if report.get("train_step"):
+        out += format_train_step(report["train_step"], markdown)
+        out.append("")
+    if report.get("targets"):
+        out.append("Targets:")
+        for t in report["targets"]:
+            verdict = "" if t["met"] is None else (" MET" if t["met"] else " MISSED")
+            limit = "" if t["limit"] is None else f" (limit {t['limit']})"
+            out.append(f"  {t['name']}: {_f(t['value'], '{:.3f}')}{limit}{verdict}")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def format_train_step(result: dict[str, Any], markdown: bool = False) -> list[str]:
+    out = [f"Training step ({result['preset']}, batch {result['batch']} at {result['size'][0]}x{result['size'][1]}, "
+           f"forward + loss + backward + AdamW; median of {result['steps']} interleaved steps):", ""]
+    rows = [[m, f"{r['step_ms']:.1f}", f"{r['images_per_s']:.2f}", f"{r['spread'] * 100:.0f}%"]
+            for m, r in result["modes"].items()]
+    out += _table(["mode", "step ms", "images/s", "spread"], rows, markdown)
+    if result.get("ratios"):
+        out += [""] + [f"{k} step time: {v:.3f}" for k, v in result["ratios"].items()]
+    return out
+
+
+def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> list[str]:
+    """Latency bars by stage and mode (one figure per size; ``_HxW`` is added to the name when several)."""
+    from ..viz.plots import plot_benchmark_bars
+
+    written = []
+    base, ext = os.path.splitext(str(path))
+    for entry in report["results"]:
+        hw = f"{entry['size'][0]}x{entry['size'][1]}"
+        target = str(path) if len(report["results"]) == 1 else f"{base}_{hw}{ext or '.png'}"
+        rows = [{"mode": m, "stage": stage, "ms": entry["modes"][m]["stages"][stage]["ms"]}
+                for m in report["modes"] for stage in report["stages"]]
+        plot_benchmark_bars(rows, target, title=f"{report['preset']} {hw} latency per stage "
+                                                f"({report['meta']['device']}, {report['meta']['torch_threads']} threads)")
+        written.append(target)
+    return written
