@@ -189,7 +189,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
     run_dir = Path(cfg.out_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed + info.rank)
+    seed_everything(cfg.seed)  # same initial weights on every process (DDP would broadcast rank 0's anyway)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -233,6 +233,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
         if info.is_main:
             print(f"backbone weights: {report}")
     model.to(device)
+    seed_everything(cfg.seed + info.rank)  # from here on each process draws its own denoising noise
     criterion = SetCriterion(model.cfg.num_classes, HungarianMatcher(), num_decoder_layers=model.cfg.decoder.num_layers)
     optimizer = build_optimizer(model, cfg.lr, cfg.backbone_lr, cfg.weight_decay)
     params = [p for g in optimizer.param_groups for p in g["params"]]
