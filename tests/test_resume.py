@@ -105,3 +105,29 @@ def test_training_stream_shards_are_disjoint_within_an_epoch():
     assert all(len(p) == 4 for p in per_epoch)  # ceil(10 / 3), padded by wrapping
     flat = [i for p in per_epoch for i in p]
     assert set(flat) == set(range(10)) and len(flat) == 12
+
+
+def test_sigterm_checkpoints_and_stops(data_dir, tmp_path, monkeypatch):
+    """A pre-emption signal finishes the current step, writes a checkpoint and stops; resume continues."""
+    import os
+    import signal
+
+    from focus_detr.losses import SetCriterion
+
+    original = SetCriterion.forward
+    calls = {"n": 0}
+
+    def forward(self, outputs, targets):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, outputs, targets)
+
+    monkeypatch.setattr(SetCriterion, "forward", forward)
+    result = train(_cfg(data_dir, tmp_path / "run", ema=False))
+    assert result.stopped_early and result.iteration == 2 and result.final_weights is None
+    assert [it for it, _ in list_checkpoints(tmp_path / "run")] == [2]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+    monkeypatch.setattr(SetCriterion, "forward", original)
+    resumed = train(_cfg(data_dir, tmp_path / "run", ema=False, resume="auto"))
+    assert resumed.iteration == 6 and resumed.final_weights is not None

@@ -114,14 +114,19 @@ def barrier() -> None:
 
 def any_true(flag: bool, device: torch.device) -> bool:
     """True when ``flag`` is True on any process (all processes must call it)."""
+    return any_true_each([flag], device)[0]
+
+
+def any_true_each(flags: list[bool], device: torch.device) -> list[bool]:
+    """Element-wise :func:`any_true` of several flags in one collective."""
     if not _active():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return list(flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     try:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     except Exception as e:
         raise _fail("all_reduce", e) from e
-    return bool(t.item() > 0)
+    return [bool(v > 0) for v in t.tolist()]
 
 
 def mean_over_processes(values: dict[str, float], device: torch.device) -> dict[str, float]:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ from ..losses import HungarianMatcher, SetCriterion
 from ..model import FocusDETR, build_model
 from . import checkpoint as ckpt
 from .data import build_eval_dataset, build_train_dataset, build_train_loader, default_train_scales, split_paths
-from .distributed import (DistInfo, DistributedError, all_gather_objects, any_true, barrier, cleanup_distributed,
+from .distributed import (DistInfo, DistributedError, all_gather_objects, any_true_each, barrier, cleanup_distributed,
                           env_dist_info, init_distributed, mean_over_processes, resolve_device)
 from .evaluate import evaluate, format_metrics
 from .logging import MetricsLogger, environment_info, write_json
@@ -319,6 +321,9 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
                dynamic_ncols=True, desc="train")
     batches = iter(loader)
     iteration = start_iter
+    # SIGTERM (cluster pre-emption) / SIGUSR1 (e.g. SLURM --signal): finish the step, checkpoint, stop.
+    stop_signal: list[int] = []
+    previous_handlers = _install_stop_handlers(stop_signal)
     try:
         while iteration < end_iter:
             images, targets = next(batches)
@@ -341,7 +346,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
             # skips the step instead of poisoning the weights. fp16 overflows are the GradScaler's business.
             loss_value = float(loss.detach())
             bad_grad = not math.isfinite(float(grad_norm)) and scaler is None
-            bad = any_true(not math.isfinite(loss_value) or bad_grad, device)
+            bad, stop = any_true_each([not math.isfinite(loss_value) or bad_grad, bool(stop_signal)], device)
             if bad:
                 skipped_steps += 1
                 consecutive_bad += 1
@@ -383,6 +388,11 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
             iteration += 1
             window_iters += 1
             bar.update(1)
+            if stop and iteration < end_iter:
+                end_iter = iteration  # log, checkpoint and leave the loop below
+                if info.is_main:
+                    bar.write(f"stop signal received: checkpointing at iteration {iteration} and stopping")
+                    logger.event(iteration, "signal", signal=stop_signal[0] if stop_signal else None)
 
             # ---- logging ----------------------------------------------------------------------------
             if iteration % cfg.log_every == 0 or iteration == end_iter:
@@ -440,6 +450,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
                     ckpt.prune_checkpoints(run_dir, cfg.keep_checkpoints)
                 barrier()
     finally:
+        _restore_handlers(previous_handlers)
         bar.close()
         del batches  # shuts DataLoader workers down
 
@@ -460,6 +471,23 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
     return TrainResult(run_dir, iteration, schedule.max_iters, final_weights, final_ema, last_checkpoint,
                        eval_metrics, skipped_steps, time.perf_counter() - start_time, stopped_early,
                        model_without_ddp.eval(), ema.module.eval() if ema is not None else None)
+
+
+def _install_stop_handlers(flag: list[int]) -> dict[int, Any]:
+    """Record SIGTERM / SIGUSR1 in ``flag`` instead of dying (main thread only; returns the old handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for name in ("SIGTERM", "SIGUSR1"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            previous[sig] = signal.signal(sig, lambda signum, frame: flag.append(signum))
+    return previous
+
+
+def _restore_handlers(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def _to_cpu(obj: Any) -> Any:
