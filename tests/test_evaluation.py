@@ -127,6 +127,10 @@ def test_no_predictions_scores_zero_and_image_subset():
     data = _gt_dataset()
     m = coco_evaluate(_coco(data), [])
     assert m["AP"] == 0.0 and m["num_detections"] == 0
+    # Same as pycocotools with one useless detection: 0 where ground truth exists, undefined elsewhere.
+    useless = [{"image_id": 101, "category_id": 3, "bbox": [0.0, 0.0, 1.0, 1.0], "score": 0.01}]
+    for name, value in zip(COCO_STAT_NAMES, _reference_stats(data, useless)):
+        assert m[name] == (None if value < 0 else pytest.approx(0.0)), name
     assert m["per_class"]["bird"] is None and m["per_class"]["cat"] == 0.0
     # Restricting to a subset of images: predictions perfect on those images only.
     ids = [101, 102]

@@ -55,8 +55,15 @@ def coco_evaluate(coco_gt: COCO, results: Sequence[dict[str, Any]],
     names = {c["id"]: c["name"] for c in coco_gt.loadCats(cat_ids)}
     base = {"num_images": len(ids), "num_detections": len(results)}
     if not results:
-        # pycocotools cannot load an empty result list; with no detection every defined AP/AR is 0.
-        stats: dict[str, Any] = {k: 0.0 for k in COCO_STAT_NAMES}
+        # pycocotools cannot load an empty result list. With no detection every AP / AR is 0 where ground truth
+        # exists and undefined (None) where it does not, per area range as pycocotools defines them.
+        areas = [a["area"] for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=ids, iscrowd=False))]
+        ranges = {"": (0, 1e10), "s": (0, 32 ** 2), "m": (32 ** 2, 96 ** 2), "l": (96 ** 2, 1e10)}
+        defined = {k: any(lo <= a <= hi for a in areas) for k, (lo, hi) in ranges.items()}
+        stats: dict[str, Any] = {}
+        for name in COCO_STAT_NAMES:
+            suffix = name[-1] if name[-1] in "sml" else ""
+            stats[name] = 0.0 if defined[suffix] else None
         per_class: dict[str, float | None] = {names[c]: (0.0 if coco_gt.getAnnIds(imgIds=ids, catIds=[c], iscrowd=False)
                                                           else None) for c in cat_ids}
         return {**stats, "per_class": per_class, **base, "summary": "no detections"}
