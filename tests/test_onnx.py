@@ -55,7 +55,7 @@ def test_export_forward_equals_model_forward(size: tuple[int, int], reference_ms
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict:
-    """``focus-detr export`` of the tiny preset through the console script (one export, ~1 min on 2 cores)."""
+    """``focus-detr export`` of the tiny preset through the console script (one export, 1-2 min on 2 cores)."""
     for module in ("onnx", "onnxscript", "onnxruntime"):
         pytest.importorskip(module, reason=f"optional package {module!r} not installed (pip install onnx onnxscript "
                                            "onnxruntime); the ONNX export test needs it")
@@ -67,12 +67,14 @@ def exported(tmp_path_factory) -> dict:
     return {"root": root, "weights": weights, "onnx": out, "stdout": proc.stdout}
 
 
+@pytest.mark.slow
 def test_export_cli_reports_its_own_check(exported: dict) -> None:
     stdout = exported["stdout"]
     assert "opset 18" in stdout and "dynamic height/width" in stdout
     assert stdout.count("-> ok") == 2
 
 
+@pytest.mark.slow
 def test_onnx_graph_has_dynamic_size_and_metadata(exported: dict) -> None:
     import onnx
 
@@ -87,6 +89,7 @@ def test_onnx_graph_has_dynamic_size_and_metadata(exported: dict) -> None:
     assert any(op.domain in ("", "ai.onnx") and op.version == 18 for op in model.opset_import)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(256, 352), (416, 288)])
 def test_onnxruntime_matches_pytorch_on_other_sizes(exported: dict, size: tuple[int, int]) -> None:
     from focus_detr.export.onnx import _detections_agree, _session
@@ -107,6 +110,7 @@ def test_onnxruntime_matches_pytorch_on_other_sizes(exported: dict, size: tuple[
     assert _detections_agree(scores[0], labels[0], xyxy[0], det)
 
 
+@pytest.mark.slow
 def test_onnx_detector_on_image_files(exported: dict) -> None:
     from focus_detr.export import OnnxDetector
 

@@ -170,7 +170,12 @@ def load_model(weights: str | os.PathLike[str] | None = None, preset: str | None
             raise api.CheckpointFormatError(f"{path}: not a readable checkpoint ({short_error(e)})") from None
         model = api.load_official(state, preset)
         return model.to(dev).eval(), f"official checkpoint {path} (preset {preset!r})"
-    return api.load(path, device=dev), f"weights file {path}"
+    try:
+        return api.load(path, device=dev), f"weights file {path}"
+    except api.CheckpointFormatError as e:
+        if "official detrex checkpoint" in str(e):  # say how to do it from the command line too
+            raise api.CheckpointFormatError(f"{e} On the command line: add --preset NAME (e.g. --preset r50_4scale).") from None
+        raise
 
 
 def short_error(error: BaseException) -> str:
@@ -215,11 +220,11 @@ def predict_images(model: FocusDETR, paths: Sequence[str | os.PathLike[str]], ba
                    progress: bool = False) -> Iterator[ImageResult]:
     """Yield one :class:`ImageResult` per path, in order; unreadable files give a result with ``error``.
 
-    Images are decoded with :func:`focus_detr.data.io.load_image` (any pixel format, EXIF orientation) and
+    Images are decoded with :func:`focus_detr.ops.image_io.load_image` (any pixel format, EXIF orientation) and
     run through :meth:`FocusDETR.predict` ``batch_size`` at a time; boxes are in original-image pixels.
     """
-    from .data.errors import DataError
-    from .data.io import load_image
+    from .ops.errors import DataError
+    from .ops.image_io import load_image
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -42,7 +42,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.errors import DataError
+    from ..ops.errors import DataError
     from ..inference import explain
     from ..viz import save_figure
     from .main import CLIError

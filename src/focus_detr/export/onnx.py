@@ -15,7 +15,9 @@ the model's; only the glue differs:
 * the deformable-attention sampling core is the reference one (``F.grid_sample``, one call per level),
   given the level sizes directly (see :func:`_ms_deform_attn_with_shapes`);
 * branches that the eager model takes on tensor values (padding masks, "is any query padding") are
-  resolved statically: with one un-padded image there is no padding.
+  resolved statically: with one un-padded image there is no padding;
+* every top-k goes through the model's :class:`~focus_detr.model.selection.SelectionPolicy` (stable top-k
+  in batch-invariant mode), as in the model.
 
 Inputs and outputs of the ONNX graph (``B = 1``, ``H``, ``W`` dynamic):
 
@@ -232,13 +234,17 @@ class ExportableFocusDETR(nn.Module):
         valid_count = torch.full((1,), num_tokens, dtype=torch.float32, device=device)
         count = (valid_count * enc.keep_ratio).int() + 1
         count = torch.minimum(count, torch.full_like(count, num_tokens))
+        # The model's own decision policy (stable top-k in batch-invariant mode: exact ties, e.g. the identical
+        # tokens whose proposal box is invalid, resolve to the lowest index; exported as ONNX TopK, whose ties
+        # also go to the lowest index).
+        policy = m.default_policy
         selected = []
         for layer, ratio in enumerate(torch.tensor(enc.cascade, dtype=torch.float32)):
             k_t = (ratio * count.to(torch.float32)).int()
             k = k_t.max().item()
             torch._check(k >= 1)
             torch._check(k <= num_tokens)
-            selected.append(torch.topk(fg, k, dim=1)[1])
+            selected.append(policy.foreground(fg, k, layer))
 
         # ---- encoder (FocusEncoder.forward without the batch bookkeeping) --------------------------------
         memory = features
@@ -252,7 +258,7 @@ class ExportableFocusDETR(nn.Module):
             fg_sel = torch.gather(fg, 1, index)
             score = category * fg_sel if enc.oesm_score == "logit_product" else category.sigmoid() * fg_sel.sigmoid()
             num = torch.sym_min(enc.oesm_topk, x.shape[1])
-            positions = torch.topk(score, num, dim=1)[1]
+            positions = policy.oesm(score, num, layer_id)
             x = layer.object_enhanced_self_attention(x, x_pos, positions, None)
             x = layer(x, x_pos, ref, value, padding_mask, spatial_shapes)
             memory = memory.scatter(1, index[..., None].expand(-1, -1, memory.shape[-1]), x)
@@ -263,13 +269,13 @@ class ExportableFocusDETR(nn.Module):
         proposal_logits = m.proposal_class_head(output_memory)
         proposal_coords = m.proposal_box_head(output_memory) + proposals
         num_queries = torch.sym_min(cfg.decoder.num_queries, num_tokens)
-        topk = torch.topk(proposal_logits.max(-1)[0], num_queries, dim=1)[1]
+        topk = policy.proposals(proposal_logits.max(-1)[0], num_queries)
         reference_boxes = torch.gather(proposal_coords, 1, topk[..., None].expand(-1, -1, 4)).sigmoid()
         target = m.target_embed.weight[:num_queries][None]
 
         # ---- decoder and heads ----------------------------------------------------------------------------
         hidden, refined = m.decoder(target, reference_boxes, memory, padding_mask, spatial_shapes, valid_ratios,
-                                    m.box_heads, None, None)
+                                    m.box_heads, None, None, position_from_scaled_boxes=not m.per_image)
         last = len(hidden) - 1
         ref = reference_boxes if last == 0 else refined[last - 1]
         logits = m.class_heads[last](hidden[last])
@@ -279,7 +285,7 @@ class ExportableFocusDETR(nn.Module):
         num_classes = logits.shape[2]
         prob = logits.sigmoid().reshape(1, -1)
         num_det = torch.sym_min(cfg.num_detections, num_queries * num_classes)
-        scores, flat = torch.topk(prob, num_det, dim=1)
+        scores, flat = policy.detections(prob, num_det)
         query = torch.div(flat, num_classes, rounding_mode="floor")
         labels = flat % num_classes
         picked = torch.gather(boxes, 1, query[..., None].expand(-1, -1, 4))
@@ -370,7 +376,8 @@ def export_onnx(model: FocusDETR, path: str | os.PathLike[str], opset: int = DEF
         with torch.no_grad(), contextlib.redirect_stdout(log), _quiet_loggers():
             program = torch.onnx.export(
                 wrapper, (example,), dynamo=True, dynamic_shapes={"image": {2: dim_h, 3: dim_w}},
-                input_names=INPUT_NAMES, output_names=OUTPUT_NAMES, opset_version=opset, verbose=False)
+                input_names=INPUT_NAMES, output_names=OUTPUT_NAMES, opset_version=opset, verbose=False,
+                custom_translation_table={torch.ops.aten.sort.stable: _onnx_sort_stable})
     except Exception as e:  # noqa: BLE001 - re-raised with the exporter's own log attached
         tail = "\n".join(log.getvalue().strip().splitlines()[-15:])
         raise OnnxExportError(f"torch.onnx.export failed: {type(e).__name__}: {str(e)[:2000]}\n{tail}") from e
@@ -386,6 +393,16 @@ def export_onnx(model: FocusDETR, path: str | os.PathLike[str], opset: int = DEF
         report.checks = compare_with_pytorch(cpu_model, out, verify_sizes)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _onnx_sort_stable(self: Any, stable: bool | None = None, dim: int = -1, descending: bool = False) -> Any:
+    """ONNX for ``aten.sort.stable`` (the stable top-k of the batch-invariant policy), which torch's ONNX
+    library does not cover: a full-length ``TopK``. ONNX defines TopK's ties to go to the lower index, so
+    it is a stable sort. (Same construction as the library's ``aten::sort``.)"""
+    from onnxscript import opset18 as op
+
+    dim_size = op.Reshape(op.Gather(op.Shape(self), dim, axis=0), op.Constant(value_ints=[1]))
+    return op.TopK(self, dim_size, axis=dim, largest=descending, sorted=True)
 
 
 @contextlib.contextmanager
