@@ -273,3 +273,19 @@ def test_run_folder_records_config_and_environment(data_dir, tmp_path):
     # The final weights rebuild the model from the file alone, with the dataset's classes.
     model = api.load(result.final_weights)
     assert model.cfg.num_classes == 6 and model.cfg.class_names[0] == "circle"
+
+
+def test_init_weights_fine_tunes_from_another_label_set(data_dir, tmp_path):
+    """Weights of a 3-class model initialise a 6-class run: everything but the class-specific tensors."""
+    donor = build_model("tiny", num_classes=3, **{"decoder.num_queries": 20, "encoder.oesm_topk": 20})
+    path = api.save(donor, tmp_path / "donor.pth")
+    result = train(_cfg(data_dir, tmp_path / "run", max_iters=1, lr=0.0, backbone_lr=0.0, init_weights=str(path)))
+    trained = api.read_weights_file(result.final_weights)["state_dict"]
+    donor_state = donor.state_dict()
+    class_specific = [k for k in donor_state if tuple(donor_state[k].shape) != tuple(trained[k].shape)]
+    assert class_specific and all("class_head" in k or "dn_label_embed" in k for k in class_specific)
+    # lr 0: the loaded tensors are unchanged by the one step (AdamW's decoupled decay is lr-scaled too).
+    same = [k for k in donor_state if k not in class_specific]
+    assert all(torch.equal(donor_state[k], trained[k]) for k in same)
+    with pytest.raises(CheckpointFormatError, match="no such file"):
+        train(_cfg(data_dir, tmp_path / "run2", max_iters=1, init_weights=str(tmp_path / "missing.pth")))

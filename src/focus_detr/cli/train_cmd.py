@@ -17,6 +17,7 @@ examples:
       --backbone-weights resnet50-0676ba61.pth --batch-size 2 --amp
   torchrun --nproc_per_node 8 -m focus_detr.cli.main train --preset r50_4scale_12ep --data /data/coco --out runs/r50
   focus-detr train ... --resume auto        # continue the newest complete checkpoint in --out
+  focus-detr train --preset r50_4scale --init-weights focus_detr_r50_4scale_36ep.pth --data my_coco ...  # fine-tune
 
 See docs/training.md for schedules, multi-node runs and what is logged."""
 
@@ -56,6 +57,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="model config override, repeatable, e.g. --set decoder.num_queries=300 --set encoder.mode=dense")
     g.add_argument("--backbone-weights", metavar="PATH",
                    help="ImageNet backbone file (torchvision ResNet .pth, detectron2 .pkl, Swin .pth); fresh runs only")
+    g.add_argument("--init-weights", metavar="PATH",
+                   help="fine-tune from a weights file, training checkpoint or official checkpoint of --preset; "
+                        "tensors of another shape (class heads of another label set) start fresh")
 
     g = p.add_argument_group("schedule and optimiser (official defaults)")
     g.add_argument("--schedule", default="12ep", choices=["12ep", "24ep", "36ep", "none"],
@@ -125,6 +129,7 @@ def config_from_args(args: argparse.Namespace):
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
         resume=args.resume, max_bad_steps=args.max_bad_steps, dist_timeout_s=args.dist_timeout,
         stop_at=args.stop_at, deterministic=args.deterministic, backbone_weights=args.backbone_weights,
+        init_weights=args.init_weights,
         progress=not args.no_progress, tensorboard=not args.no_tensorboard,
     )
 

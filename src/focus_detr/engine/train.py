@@ -96,6 +96,9 @@ class TrainConfig:
     stop_at: int | None = None  # checkpoint and stop at this iteration (pre-emption / tests)
     deterministic: bool = False
     backbone_weights: str | None = None  # ImageNet backbone file (torchvision / detectron2 / Swin)
+    # Fine-tuning: initial weights from a weights file, a training checkpoint or an official checkpoint (of
+    # `preset`); tensors whose shape differs (the class heads of another label set) keep their fresh init.
+    init_weights: str | None = None
     progress: bool = True
     tensorboard: bool = True
 
@@ -229,11 +232,17 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
         if diffs:
             raise ValueError(f"{resume_path} was trained with another model config:\n  " + "\n  ".join(diffs[:20]))
         model.load_state_dict(state["model"])
-    elif cfg.backbone_weights:
-        from ..backbones.weights import load_backbone_weights
-        report = load_backbone_weights(model.backbone, cfg.backbone_weights)
-        if info.is_main:
-            print(f"backbone weights: {report}")
+    else:
+        if cfg.backbone_weights:
+            from ..backbones.weights import load_backbone_weights
+            report = load_backbone_weights(model.backbone, cfg.backbone_weights)
+            if info.is_main:
+                print(f"backbone weights: {report}")
+        if cfg.init_weights:
+            loaded, left = load_matching_weights(model, read_any_state_dict(cfg.init_weights, cfg.preset))
+            if info.is_main:
+                print(f"initial weights from {cfg.init_weights}: {loaded} tensors loaded; kept fresh "
+                      f"({len(left)}): {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}")
     model.to(device)
     seed_everything(cfg.seed + info.rank)  # from here on each process draws its own denoising noise
     criterion = SetCriterion(model.cfg.num_classes, HungarianMatcher(), num_decoder_layers=model.cfg.decoder.num_layers)
@@ -471,6 +480,33 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
     return TrainResult(run_dir, iteration, schedule.max_iters, final_weights, final_ema, last_checkpoint,
                        eval_metrics, skipped_steps, time.perf_counter() - start_time, stopped_early,
                        model_without_ddp.eval(), ema.module.eval() if ema is not None else None)
+
+
+def read_any_state_dict(path: str | Path, preset: str) -> dict[str, torch.Tensor]:
+    """Model weights (our names) from one of our weights files, a training checkpoint, or an official detrex
+    checkpoint of ``preset``."""
+    if not Path(path).is_file():
+        raise api.CheckpointFormatError(f"{path}: no such file")
+    try:
+        payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise api.CheckpointFormatError(f"{path}: not a readable checkpoint, the file is truncated or not a PyTorch "
+                                        f"file ({type(e).__name__})") from None
+    kind = payload.get("format") if isinstance(payload, dict) else None
+    if kind == api.WEIGHTS_FORMAT:
+        return api.read_weights_file(path)["state_dict"]
+    if kind == ckpt.CHECKPOINT_FORMAT:
+        return ckpt.load_checkpoint(path)["model"]
+    return api.load_official(payload, preset).state_dict()
+
+
+def load_matching_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[int, list[str]]:
+    """Copy every tensor of ``state_dict`` whose name and shape exist in ``model``; return how many were
+    copied and the model's tensors left as they were (e.g. class heads of another number of classes)."""
+    own = model.state_dict()
+    matching = {k: v for k, v in state_dict.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    model.load_state_dict(matching, strict=False)
+    return len(matching), sorted(k for k in own if k not in matching)
 
 
 def _install_stop_handlers(flag: list[int]) -> dict[int, Any]:
