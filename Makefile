@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIP_TORCH)
-	$(PY) -m pip install -q -e ".[test,viz]" "$(PIP_TORCH)"
+	$(PY) -m pip install -q -e ".[test,viz,onnx]" "$(PIP_TORCH)"
 	touch $@
 
 setup: $(VENV)/.installed
