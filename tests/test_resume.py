@@ -66,6 +66,12 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(data_dir, tmp_path):
     for (ka, va), (kb, vb) in zip(sorted(a["optimizer"]["state"].items()), sorted(b["optimizer"]["state"].items())):
         assert ka == kb and all(torch.equal(va[n], vb[n]) for n in va)
 
+    # `focus-detr eval CHECKPOINT --ema` rebuilds the EMA model from a training checkpoint.
+    from focus_detr.cli.eval_cmd import load_any_model
+
+    ema_model = load_any_model(resumed.last_checkpoint, ema=True)
+    _assert_same_state(ema_model.state_dict(), api.read_weights_file(resumed.final_ema_weights)["state_dict"])
+
     # The metrics log of the resumed run records the restart and continues the iteration count.
     rows = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
     assert any('"event": "resume"' in r for r in rows)
