@@ -289,3 +289,20 @@ def test_init_weights_fine_tunes_from_another_label_set(data_dir, tmp_path):
     assert all(torch.equal(donor_state[k], trained[k]) for k in same)
     with pytest.raises(CheckpointFormatError, match="no such file"):
         train(_cfg(data_dir, tmp_path / "run2", max_iters=1, init_weights=str(tmp_path / "missing.pth")))
+
+
+def test_ema_decay_warms_up():
+    from focus_detr.engine.train import ema_update_fn
+
+    update = ema_update_fn(0.999)
+    ema, cur = [torch.zeros(3)], [torch.ones(3)]
+    update(ema, cur, torch.tensor(1))  # n = 1: decay 2 / 11, the new weights dominate
+    assert torch.allclose(ema[0], torch.full((3,), 9 / 11))
+    ema = [torch.zeros(3)]
+    update(ema, cur, torch.tensor(10**6))  # late: the configured decay
+    assert torch.allclose(ema[0], torch.full((3,), 0.001))
+    counts = [torch.zeros(2, dtype=torch.long)]
+    update(counts, [torch.ones(2, dtype=torch.long)], torch.tensor(5))  # integer buffers are copied
+    assert counts[0].tolist() == [1, 1]
+    with pytest.raises(ValueError):
+        ema_update_fn(1.5)

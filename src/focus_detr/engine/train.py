@@ -250,8 +250,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
     params = [p for g in optimizer.param_groups for p in g["params"]]
     ema = None
     if cfg.ema:
-        ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update_fn(cfg.ema_decay), use_buffers=True)
     scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
 
     start_iter, skipped_steps = 0, 0
@@ -480,6 +479,27 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
     return TrainResult(run_dir, iteration, schedule.max_iters, final_weights, final_ema, last_checkpoint,
                        eval_metrics, skipped_steps, time.perf_counter() - start_time, stopped_early,
                        model_without_ddp.eval(), ema.module.eval() if ema is not None else None)
+
+
+def ema_update_fn(decay: float):
+    """``multi_avg_fn`` for ``AveragedModel``: an exponential moving average whose decay warms up as
+    ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates (timm's ``ModelEmaV2`` schedule). With a fixed
+    decay of 0.9998 the random initial weights would still weigh 0.9998^n in the average: 55 % after 3000
+    steps, which ruins the EMA of a short run."""
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1], got {decay}")
+
+    @torch.no_grad()
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        for e, p in zip(ema_params, params):
+            if e.is_floating_point():
+                e.lerp_(p, 1.0 - d)
+            else:
+                e.copy_(p)
+
+    return update
 
 
 def read_any_state_dict(path: str | Path, preset: str) -> dict[str, torch.Tensor]:
