@@ -79,22 +79,24 @@ def make_inputs(num_queries: int, kind: str, device: torch.device, heads: int = 
     return value.to(device), shapes.to(device), locations.to(device), weights.to(device)
 
 
-def run_once(fn: Callable[..., torch.Tensor], inputs: Inputs, backward: bool, device: torch.device) -> float:
+def run_once(fn: Callable[..., torch.Tensor], inputs: Inputs, backward: bool, device: torch.device,
+             clock: Callable[[], float] = time.perf_counter) -> float:
     value, shapes, locations, weights = inputs
     if backward:
         value, locations, weights = (t.detach().requires_grad_() for t in (value, locations, weights))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     out = fn(value, shapes, locations, weights)
     if backward:
         out.backward(torch.ones_like(out))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def bench_case(name: str, device: torch.device, repeats: int) -> dict[str, Any]:
+def bench_case(name: str, device: torch.device, repeats: int,
+               clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
     num_queries, kind = CASES[name]
     inputs = make_inputs(num_queries, kind, device)
     with torch.no_grad():
@@ -105,7 +107,7 @@ def bench_case(name: str, device: torch.device, repeats: int) -> dict[str, Any]:
         run_once(IMPLEMENTATIONS[impl], inputs, backward, device)
     for _ in range(repeats):
         for impl, backward in runs:
-            times[(impl, backward)].append(run_once(IMPLEMENTATIONS[impl], inputs, backward, device))
+            times[(impl, backward)].append(run_once(IMPLEMENTATIONS[impl], inputs, backward, device, clock))
     result: dict[str, Any] = {"case": name, "queries": num_queries, "tokens": inputs[0].shape[1],
                               "max_abs_diff_forward": diff}
     for impl, backward in runs:
@@ -123,17 +125,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--repeats", type=int, default=5, help="rounds per case (median reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: elapsed time; cpu: this process's CPU time (all threads), which a busy shared "
+                             "machine disturbs less (use with --threads 1; OpenMP spin-waits count with more)")
     parser.add_argument("--json", metavar="PATH", help="also write the results (with every timing) as JSON")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     load_before = os.getloadavg()
-    results = [bench_case(name, device, args.repeats) for name in args.cases]
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    results = [bench_case(name, device, args.repeats, clock) for name in args.cases]
     load_after = os.getloadavg()
 
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, median of {args.repeats} interleaved rounds; "
+          f"{platform.processor() or platform.machine()}, {args.clock} clock, median of {args.repeats} interleaved rounds; "
           f"'auto' runs {implementation_for(device, 'auto')!r} here")
     print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}")
     header = f"{'case':<14} {'Q':>6} | {'fwd ref':>8} {'fwd fast':>8} {'ratio':>6} | {'f+b ref':>8} {'f+b fast':>8} " \
@@ -146,7 +152,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
               f"{r['fast_forward_backward_s'] * 1e3:>6.1f}ms {r['speedup_forward_backward']:>5.2f}x | "
               f"{r['max_abs_diff_forward']:.1e}")
     if args.json:
-        meta = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+        meta = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(), "clock": args.clock,
                 "repeats": args.repeats, "load_average_before": load_before, "load_average_after": load_after,
                 "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
         with open(args.json, "w") as f:

@@ -213,6 +213,25 @@ def test_fast_is_independent_of_chunking(monkeypatch, forward_chunk: int, backwa
     torch.testing.assert_close(inference, expected[0], atol=1e-12, rtol=0)
 
 
+def test_fast_dot_products_without_sddmm(monkeypatch) -> None:
+    """The gather + bmm fallback for the per-corner dot products, chosen by flag or after SDDMM fails."""
+    value, spatial_shapes, locations, weights = make_inputs(SHAPE_SETS["pyramid"], batch=2, num_queries=6)
+    expected = outputs_and_grads(ms_deform_attn_reference, value, spatial_shapes, locations, weights)
+    monkeypatch.setattr(fast_module, "BACKWARD_CHUNK_SAMPLES", 40)  # several gather chunks
+    monkeypatch.setattr(fast_module, "USE_SDDMM", False)
+    assert_close_all(outputs_and_grads(ms_deform_attn_fast, value, spatial_shapes, locations, weights),
+                     expected, atol=1e-12)
+
+    def unsupported(*args):
+        raise NotImplementedError("no sparse CSR here")
+
+    monkeypatch.setattr(fast_module, "USE_SDDMM", True)
+    monkeypatch.setattr(fast_module, "_corner_dots_sddmm", unsupported)
+    assert_close_all(outputs_and_grads(ms_deform_attn_fast, value, spatial_shapes, locations, weights),
+                     expected, atol=1e-12)
+    assert fast_module.USE_SDDMM is False  # remembered (monkeypatch restores it after the test)
+
+
 def test_fast_accepts_non_contiguous_inputs_and_partial_grads() -> None:
     value, spatial_shapes, locations, weights = make_inputs(SHAPE_SETS["pyramid"], num_queries=6)
     # Same values, non-contiguous layouts.

@@ -19,9 +19,11 @@ What this implementation does instead (plain PyTorch ops only, CPU and CUDA):
     per corner) sum ``weight * grad_out`` over the samples of each top-left row; :func:`_fold_corner_grads`
     then shifts the 4 results onto the cells. This beat ``scatter_add_`` / ``index_add_`` of materialised
     per-corner rows by ~2x (sorting ``B*Q*heads*L*P`` int32 keys is cheap).
-  - locations and attention weights: per-corner dot products ``<grad_out, value[corner]>`` (corner rows
-    gathered with bag-size-1 ``embedding_bag``, ~2x faster than ``index_select`` for 128-byte rows, then a
-    ``bmm``), combined in closed form.
+  - locations and attention weights: per-corner dot products ``<grad_out, value[corner]>``, combined in
+    closed form. The dots are one sampled dense-dense matmul (``torch.sparse.sampled_addmm`` on a CSR pattern
+    with ``4 * L * P`` entries per ``(query, head)``); where that op is unavailable, corner rows are gathered
+    in cache-sized chunks (``embedding_bag`` with bags of one row, ~2x faster than ``index_select`` for
+    128-byte rows) and reduced with a ``bmm``.
 * Per-sample arithmetic runs on "planar" ``[n, heads, 2 | 4, L*P]`` tensors with per-level constants
   repeated to full ``L*P`` width: broadcasting a ``[L, 1, 2]`` constant against interleaved ``(x, y)`` pairs
   leaves PyTorch's CPU kernels an inner loop of length 2, measured ~35x slower per element.
@@ -35,13 +37,15 @@ is exactly zero and ``grid_sample``'s location gradient is zero, which the backw
 the summation order differs, so float32 results differ in the last few bits.
 
 Memory: the padded table (~1x ``value``), per-sample geometry saved for the backward (20 bytes per sample
-point in float32 with int32 rows, ~57 MB for the dense 800x1333 encoder), chunk-sized temporaries
-(a few MB, see ``*_CHUNK_*``), and in the backward four ``[B * N_pad * heads, D]`` corner gradients plus
-sort buffers (~16 bytes per sample point).
+point in float32 with int32 rows, ~57 MB for the dense 800x1333 encoder), chunk temporaries (see
+``FORWARD_CHUNK_SAMPLES``), and in the backward four ``[B * N_pad * heads, D]`` corner gradients plus sort
+buffers. Measured peak (RSS growth, dense 800x1333 encoder, float32): forward 190 MB vs 1.09 GB for the
+reference, forward+backward 434 MB vs 1.15 GB.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -49,12 +53,20 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-# Chunk sizes, in sample points (one sample = one (query, head, level, point)). Measured on a 2-core AMD EPYC
-# (Zen 4, 2 MB L2/core, 32 MB L3). Forward chunks only bound the temporaries (rows and weights: 32-48 bytes
-# per sample point); backward chunks hold the gathered corner rows (4 * D * 4 bytes per sample point, 8 MB
-# at 2**14 samples) that should stay cache-resident until the ``bmm`` reads them.
-FORWARD_CHUNK_SAMPLES = 2**18
+# Chunk sizes, in sample points (one sample = one (query, head, level, point)); measured on a 2-core AMD EPYC
+# (Zen 4, 2 MB L2/core, 32 MB L3), 800x1333 shapes. Per-sample work is chunked only to bound temporaries
+# (~50 bytes per sample point); single-threaded time is flat from 2**18 to 2**22, but every op in the chunk
+# loop is a parallel region that must wake the second thread, which on a busy machine cost ~10 ms each
+# (2 threads, load ~4: forward 730 ms at 2**20 vs 370 ms at 2**22), so chunks are large: the dense
+# 800x1333 encoder (2.8M sample points) runs as one chunk, ~190 MB of temporaries in the forward pass.
+# ``BACKWARD_CHUNK_SAMPLES`` bounds the gathered corner rows of the fallback dot-product path (4 * D * 4 bytes
+# per sample point, 8 MB at 2**14, kept cache-resident until the ``bmm`` reads them).
+FORWARD_CHUNK_SAMPLES = 2**22
 BACKWARD_CHUNK_SAMPLES = 2**14
+
+# Per-corner dot products in the backward: one sparse SDDMM call (``torch.sparse.sampled_addmm``, ~2x
+# faster than gather + bmm here and a single parallel region) or, if False or unsupported, the gather path.
+USE_SDDMM = True
 
 # Table rows are computed in floating point (exact below 2**24 in float32, else float64 is used) and
 # stored as int32 when they fit: int32 halves index memory and makes the backward's sort ~2x faster.
@@ -107,10 +119,10 @@ def _fold_corner_grads(corner_grads: list[Tensor], layout: _Layout, batch: int, 
     ``(y, x)``, the gradient flowing to its corner ``(y + dy, x + dx)``; each cell collects it from the 4
     top-left cells it is a corner of. Gradient reaching the zero border is dropped (not part of ``value``).
     """
-    num_heads_dim = corner_grads[0].shape[-1]
-    grads = [g.view(batch, layout.padded_tokens, -1, num_heads_dim) for g in corner_grads]
+    head_dim = corner_grads[0].shape[-1]
+    grads = [g.view(batch, layout.padded_tokens, -1, head_dim) for g in corner_grads]
     num_heads = grads[0].shape[2]
-    grad_value = grads[0].new_empty(batch, num_tokens, num_heads, num_heads_dim)
+    grad_value = grads[0].new_empty(batch, num_tokens, num_heads, head_dim)
     for (h, w), start, pstart in zip(layout.shapes, layout.starts, layout.padded_starts):
         g00, g01, g10, g11 = (g[:, pstart : pstart + (h + 2) * (w + 2)].unflatten(1, (h + 2, w + 2)) for g in grads)
         cell = grad_value[:, start : start + h * w].unflatten(1, (h, w))  # [B, h, w, heads, D] view
@@ -267,6 +279,42 @@ def _value_grad(
     return _fold_corner_grads(corner_grads, layout, batch, num_tokens)
 
 
+def _corner_dots_sddmm(grad_rows: Tensor, table: Tensor, rows: Tensor) -> Tensor:
+    """``dots[r, k] = <grad_rows[r], table[rows[r, k]]>`` as one sampled dense-dense matmul (SDDMM).
+
+    Args:
+        grad_rows: ``[R, D]``; ``table``: ``[T, D]``; ``rows``: ``[R, K]`` row indices (int32 or int64).
+    Returns:
+        ``[R, K]``.
+    """
+    num_rows, per_row = rows.shape
+    crow = torch.arange(0, num_rows * per_row + 1, per_row, dtype=rows.dtype, device=rows.device)
+    zeros = grad_rows.new_zeros(num_rows * per_row)
+    with warnings.catch_warnings():
+        # PyTorch flags every sparse CSR use as "beta"; the one op used here is stable since 2.0.
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, rows.reshape(-1), zeros, size=(num_rows, table.shape[0]),
+                                          check_invariants=False)
+        dots = torch.sparse.sampled_addmm(pattern, grad_rows, table.t(), beta=0.0)
+    return dots.values().view(num_rows, per_row)
+
+
+def _corner_dots_gather(grad_rows: Tensor, table: Tensor, rows: Tensor, chunk_rows: int) -> Tensor:
+    """Same as :func:`_corner_dots_sddmm` with gathered rows (``embedding_bag`` with bags of one row, faster
+    than ``index_select`` for short rows) and a ``bmm``, in chunks of ``chunk_rows`` rows of ``rows``."""
+    num_rows, per_row = rows.shape
+    head_dim = table.shape[1]
+    dots = grad_rows.new_empty(num_rows, 1, per_row)
+    single = torch.arange(min(chunk_rows, num_rows) * per_row, dtype=rows.dtype, device=rows.device)
+    for r0 in range(0, num_rows, chunk_rows):
+        r1 = min(r0 + chunk_rows, num_rows)
+        block = F.embedding_bag(rows[r0:r1].reshape(-1), table, single[: (r1 - r0) * per_row], mode="sum")
+        # [n, 1, D] @ [n, D, K] -> [n, 1, K]
+        torch.bmm(grad_rows[r0:r1].unsqueeze(1), block.view(r1 - r0, per_row, head_dim).transpose(1, 2),
+                  out=dots[r0:r1])
+    return dots.view(num_rows, per_row)
+
+
 def _location_and_weight_grads(
     grad_rows: Tensor,
     table: Tensor,
@@ -288,46 +336,40 @@ def _location_and_weight_grads(
     Returns:
         ``grad_loc [B*Q, heads, L*P, 2]`` and ``grad_weights [B*Q, heads, L*P]`` (``None`` if not needed).
     """
+    global USE_SDDMM
     total, num_heads, num_samples = top_left_all.shape
     corners = 4 * num_samples
-    head_dim = table.shape[1]
     grad_loc = table.new_empty(total, num_heads, num_samples, 2) if need_loc else None
     grad_weights = table.new_empty(total, num_heads, num_samples) if need_weights else None
-    # Outer chunks are large so the elementwise math runs multi-threaded (PyTorch parallelises ops above
-    # 32k elements); the gathered corner rows are produced in small inner chunks that stay in cache.
-    outer = _queries_per_chunk(FORWARD_CHUNK_SAMPLES, num_heads, num_samples)
-    inner = _queries_per_chunk(BACKWARD_CHUNK_SAMPLES, num_heads, num_samples)
-    # embedding_bag with bags of one row is a gather (faster than index_select for short rows).
-    single = torch.arange(min(inner, total) * num_heads * corners, dtype=consts.row_dtype, device=table.device)
-    dots_buffer = table.new_empty(min(outer, total) * num_heads, 1, corners)
-    for o0 in range(0, total, outer):
-        o1 = min(o0 + outer, total)
-        dots = dots_buffer[: (o1 - o0) * num_heads]
-        for q0 in range(o0, o1, inner):
-            q1 = min(q0 + inner, o1)
-            n = q1 - q0
-            rows = (top_left_all[q0:q1].unsqueeze(2) + consts.corner_offsets).view(-1)
-            block = F.embedding_bag(rows, table, single[: rows.numel()], mode="sum")
-            # <grad_out, value[corner]> of every corner: [n*heads, 1, D] @ [n*heads, D, 4*L*P]
-            torch.bmm(
-                grad_rows[q0 * num_heads : q1 * num_heads].unsqueeze(1),
-                block.view(n * num_heads, corners, head_dim).transpose(1, 2),
-                out=dots[(q0 - o0) * num_heads : (q1 - o0) * num_heads],
-            )
-        d00, d01, d10, d11 = dots.view(o1 - o0, num_heads, 4, num_samples).unbind(2)
-        frac = frac_all[o0:o1]
+    chunk = _queries_per_chunk(FORWARD_CHUNK_SAMPLES, num_heads, num_samples)
+    for q0 in range(0, total, chunk):
+        q1 = min(q0 + chunk, total)
+        n = q1 - q0
+        rows = (top_left_all[q0:q1].unsqueeze(2) + consts.corner_offsets).view(n * num_heads, corners)
+        grad_chunk = grad_rows[q0 * num_heads : q1 * num_heads]
+        dots = None
+        if USE_SDDMM:
+            try:
+                dots = _corner_dots_sddmm(grad_chunk, table, rows)
+            except (RuntimeError, NotImplementedError):  # a build or device without sparse CSR SDDMM
+                USE_SDDMM = False
+        if dots is None:
+            gather_rows = max(1, BACKWARD_CHUNK_SAMPLES // num_samples)
+            dots = _corner_dots_gather(grad_chunk, table, rows, gather_rows)
+        d00, d01, d10, d11 = dots.view(n, num_heads, 4, num_samples).unbind(2)
+        frac = frac_all[q0:q1]
         fx, fy = frac[:, :, 0], frac[:, :, 1]
         # out = a * [(1 - fy) * top + fy * bottom] with top/bottom interpolated along x.
         top = torch.lerp(d00, d01, fx)
         bottom = torch.lerp(d10, d11, fx)
         if grad_weights is not None:
-            torch.lerp(top, bottom, fy, out=grad_weights[o0:o1])
+            torch.lerp(top, bottom, fy, out=grad_weights[q0:q1])
         if grad_loc is not None:
             assert grad_scale_all is not None
             d_fx = torch.lerp(d01 - d00, d11 - d10, fy)
             d_fy = bottom.sub_(top)
-            scale = grad_scale_all[o0:o1] * weights[o0:o1].unsqueeze(2)  # [n, heads, 2, L*P]
-            planar = grad_loc[o0:o1].transpose(-1, -2)  # [n, heads, 2, L*P] view of the (x, y) pairs
+            scale = grad_scale_all[q0:q1] * weights[q0:q1].unsqueeze(2)  # [n, heads, 2, L*P]
+            planar = grad_loc[q0:q1].transpose(-1, -2)  # [n, heads, 2, L*P] view of the (x, y) pairs
             torch.mul(d_fx, scale[:, :, 0], out=planar[:, :, 0])
             torch.mul(d_fy, scale[:, :, 1], out=planar[:, :, 1])
     return grad_loc, grad_weights
