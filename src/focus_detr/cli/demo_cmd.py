@@ -6,7 +6,7 @@ on the held-out split with pycocotools and writes::
     RUN_DIR/metrics.json          AP, AP50, AP75, APs, APm, APl (fractions), per-class AP, times, recipe
     RUN_DIR/loss_curve.png        training loss
     RUN_DIR/predictions/*.png     held-out images with the detections drawn
-    RUN_DIR/model_final.pth       the trained weights (`focus-detr eval` / `predict` take it)
+    RUN_DIR/model_final_ema.pth   the evaluated weights (EMA; `focus-detr eval` / `predict` take it)
     RUN_DIR/...                   the training run itself (config.json, metrics.jsonl, checkpoints/, eval/)
 
 Re-running with the same --out continues an interrupted run from its newest checkpoint.
@@ -39,6 +39,8 @@ class DemoRecipe:
     lr: float = 2e-4
     backbone_lr: float = 2e-4
     lr_drop: float = 0.85  # lr x0.1 at this fraction of the iterations
+    ema: bool = True  # evaluate an exponential moving average of the weights
+    ema_decay: float = 0.999
     train_scales: tuple[int, ...] = (192,)
     test_short_side: int = 192
     test_max_size: int = 1000
@@ -110,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         data_dir=str(data_dir), out_dir=str(run_dir), preset="tiny", model_overrides=overrides, val_split=None,
         schedule=None, max_iters=r.iterations, lr_steps=(int(r.iterations * r.lr_drop),), batch_size=r.batch_size,
         num_workers=args.workers, lr=r.lr, backbone_lr=r.backbone_lr, train_scales=r.train_scales,
-        train_max_size=r.test_max_size, seed=r.seed, device=args.device, checkpoint_every=500, keep_checkpoints=2,
+        train_max_size=r.test_max_size, seed=r.seed, device=args.device, ema=r.ema, ema_decay=r.ema_decay,
+        checkpoint_every=500, keep_checkpoints=2,
         log_every=25, resume="auto", progress=not args.no_progress, tensorboard=False,
     )
     print(f"[2/4] training the tiny preset for {r.iterations} iterations of {r.batch_size} images "
@@ -121,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
 
     # 3. evaluation on the held-out split -----------------------------------------------------------------
     device = resolve_device(args.device, DistInfo())
-    model: FocusDETR = api.load(run_dir / "model_final.pth", device=device)
+    weights = run_dir / ("model_final_ema.pth" if r.ema else "model_final.pth")
+    model: FocusDETR = api.load(weights, device=device)
     val_set = build_eval_dataset(data_dir, "val", model.cfg.test_short_side, model.cfg.test_max_size,
                                  model.cfg.class_names)
     print(f"[3/4] evaluating on {len(val_set)} held-out images")
@@ -150,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
         "total_seconds": round(total_seconds, 1),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
+        "weights": str(weights),
         "recipe": r.as_dict(),
     }
     write_json(run_dir / "metrics.json", report)
