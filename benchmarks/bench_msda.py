@@ -19,6 +19,7 @@ phases of a shared machine hit both implementations alike (the load average is p
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -30,9 +31,7 @@ from typing import Any
 
 import torch
 
-try:
-    import focus_detr  # noqa: F401
-except ImportError:  # source checkout without `pip install -e .`
+if importlib.util.find_spec("focus_detr") is None:  # source checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 from focus_detr.ops.ms_deform_attn import implementation_for, ms_deform_attn_reference
@@ -119,6 +118,21 @@ def bench_case(name: str, device: torch.device, repeats: int,
     return result
 
 
+def format_table(results: list[dict[str, Any]]) -> str:
+    """Medians in ms and reference / fast ratios, one row per case."""
+    header = (f"{'case':<14} {'Q':>6} | {'fwd ref':>9} {'fwd fast':>9} {'ratio':>6} | "
+              f"{'f+b ref':>9} {'f+b fast':>9} {'ratio':>6} | max|diff| fwd")
+    lines = [header, "-" * len(header)]
+    for r in results:
+        ms = {k: f"{r[k] * 1e3:7.1f}ms" for k in r if k.endswith("_s") and not k.endswith("_all_s")}
+        lines.append(
+            f"{r['case']:<14} {r['queries']:>6} | {ms['reference_forward_s']:>9} {ms['fast_forward_s']:>9} "
+            f"{r['speedup_forward']:>5.2f}x | {ms['reference_forward_backward_s']:>9} "
+            f"{ms['fast_forward_backward_s']:>9} {r['speedup_forward_backward']:>5.2f}x | "
+            f"{r['max_abs_diff_forward']:.1e}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
@@ -139,21 +153,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     load_after = os.getloadavg()
 
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, {args.clock} clock, median of {args.repeats} interleaved rounds; "
-          f"'auto' runs {implementation_for(device, 'auto')!r} here")
+          f"{platform.processor() or platform.machine()}, {args.clock} clock, "
+          f"median of {args.repeats} interleaved rounds; 'auto' runs {implementation_for(device, 'auto')!r} here")
     print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}")
-    header = f"{'case':<14} {'Q':>6} | {'fwd ref':>8} {'fwd fast':>8} {'ratio':>6} | {'f+b ref':>8} {'f+b fast':>8} " \
-             f"{'ratio':>6} | max|diff|"
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        print(f"{r['case']:<14} {r['queries']:>6} | {r['reference_forward_s'] * 1e3:>6.1f}ms {r['fast_forward_s'] * 1e3:>6.1f}ms "
-              f"{r['speedup_forward']:>5.2f}x | {r['reference_forward_backward_s'] * 1e3:>6.1f}ms "
-              f"{r['fast_forward_backward_s'] * 1e3:>6.1f}ms {r['speedup_forward_backward']:>5.2f}x | "
-              f"{r['max_abs_diff_forward']:.1e}")
+    print(format_table(results))
     if args.json:
-        meta = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(), "clock": args.clock,
-                "repeats": args.repeats, "load_average_before": load_before, "load_average_after": load_after,
+        meta = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+                "clock": args.clock, "repeats": args.repeats, "load_average_before": load_before, "load_average_after": load_after,
                 "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
         with open(args.json, "w") as f:
             json.dump({"schema": "focus-detr-bench-msda/1", "meta": meta, "results": results}, f, indent=2)

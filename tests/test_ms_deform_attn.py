@@ -213,6 +213,20 @@ def test_fast_is_independent_of_chunking(monkeypatch, forward_chunk: int, backwa
     torch.testing.assert_close(inference, expected[0], atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("float32_exact, int32_max", [(64, 2**31 - 1), (2**24, 100)])
+def test_fast_index_arithmetic_fallbacks(monkeypatch, float32_exact: int, int32_max: int) -> None:
+    """Row arithmetic in float64 (tables beyond 2**24 rows per batch) and int64 rows (beyond 2**31 rows),
+    forced here on a small problem by lowering the limits."""
+    value, spatial_shapes, locations, weights = make_inputs(SHAPE_SETS["pyramid"], dtype=torch.float32)
+    expected = outputs_and_grads(ms_deform_attn_reference, value, spatial_shapes, locations, weights)
+    monkeypatch.setattr(fast_module, "_FLOAT32_EXACT", float32_exact)
+    monkeypatch.setattr(fast_module, "_INT32_MAX", int32_max)
+    actual = outputs_and_grads(ms_deform_attn_fast, value, spatial_shapes, locations, weights)
+    torch.testing.assert_close(actual[0], expected[0], atol=2e-5, rtol=0)
+    for a, e in zip(actual[1], expected[1]):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
 def test_fast_dot_products_without_sddmm(monkeypatch) -> None:
     """The gather + bmm fallback for the per-corner dot products, chosen by flag or after SDDMM fails."""
     value, spatial_shapes, locations, weights = make_inputs(SHAPE_SETS["pyramid"], batch=2, num_queries=6)
