@@ -70,8 +70,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--val-images", type=int, default=r.val_images, help=f"default {r.val_images}")
     p.add_argument("--seed", type=int, default=r.seed, help=f"default {r.seed}")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="default cpu")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: all cores; use 1 on a machine busy with other work)")
+    p.add_argument("--threads", default="auto",
+                   help="torch CPU threads: a number, or 'auto' (default): PyTorch's default, but 1 when the load "
+                        "average shows other work on the machine (competing OpenMP threads slow training many-fold)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0: decoding is cheap here)")
     p.add_argument("--pictures", type=int, default=6, help="held-out images drawn with their detections (default 6)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -94,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.iters <= 0 or args.batch_size <= 0:
         raise CLIError("--iters and --batch-size must be positive")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = choose_threads(args.threads)
+    torch.set_num_threads(threads)
     r = dataclasses.replace(RECIPE, iterations=args.iters, batch_size=args.batch_size, lr=args.lr, backbone_lr=args.lr,
                             train_images=args.train_images, val_images=args.val_images, seed=args.seed)
     run_dir = Path(args.out)
@@ -103,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
     # 1. data -----------------------------------------------------------------------------------------
     info = ensure_shapes_dataset(data_dir, r.train_images, r.val_images, seed=r.seed, image_size=r.image_size)
+    print(f"      torch threads: {threads}")
     print(f"[1/4] dataset: {info.num_train} train / {info.num_val} val images in {data_dir}"
           + (f" (generated in {info.seconds:.1f} s)" if info.generated else " (already present)"))
 
@@ -164,6 +166,28 @@ def run(args: argparse.Namespace) -> int:
           f"(targets {AP_TARGET} / {AP50_TARGET}: {'met' if report['targets_met'] else 'NOT met'})")
     print(json.dumps({k: report[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}))
     return 0
+
+
+def choose_threads(requested: str) -> int:
+    """``requested`` threads, or for ``auto`` PyTorch's default unless the 1-minute load average says at least
+    one core is already busy with other work, then 1."""
+    import os
+
+    import torch
+
+    if requested != "auto":
+        try:
+            value = int(requested)
+        except ValueError:
+            from .main import CLIError
+            raise CLIError(f"--threads must be a number or 'auto', got {requested!r}") from None
+        return max(1, value)
+    default = torch.get_num_threads()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not available on this platform
+        return default
+    return 1 if default > 1 and load >= 1.0 else default
 
 
 def _draw_predictions(model, dataset, out_dir: Path, count: int, score_threshold: float = 0.4) -> list[Path]:
