@@ -198,13 +198,17 @@ def test_points_beyond_the_border_give_zero_and_no_location_gradient() -> None:
         assert torch.count_nonzero(grad_w) == 0
 
 
-@pytest.mark.parametrize("forward_chunk, backward_chunk", [(1, 1), (37, 50)])
-def test_fast_is_independent_of_chunking(monkeypatch, forward_chunk: int, backward_chunk: int) -> None:
-    """Chunks smaller than one query (-> one query per chunk) and odd sizes, across the batch boundary."""
+@pytest.mark.parametrize("forward_chunk, backward_chunk, spatial_order", [(1, 1, True), (37, 50, True),
+                                                                           (37, 50, False)])
+def test_fast_is_independent_of_chunking_and_order(monkeypatch, forward_chunk: int, backward_chunk: int,
+                                                   spatial_order: bool) -> None:
+    """Chunks smaller than one query (-> one query per chunk) and odd sizes, across the batch boundary, with
+    and without reordering the queries spatially."""
     value, spatial_shapes, locations, weights = make_inputs(SHAPE_SETS["pyramid"], batch=3, num_queries=5)
     expected = outputs_and_grads(ms_deform_attn_reference, value, spatial_shapes, locations, weights)
     monkeypatch.setattr(fast_module, "FORWARD_CHUNK_SAMPLES", forward_chunk)
     monkeypatch.setattr(fast_module, "BACKWARD_CHUNK_SAMPLES", backward_chunk)
+    monkeypatch.setattr(fast_module, "SPATIAL_ORDER", spatial_order)
     actual = outputs_and_grads(ms_deform_attn_fast, value, spatial_shapes, locations, weights)
     assert_close_all(actual, expected, atol=1e-12)
     # Without autograd the per-sample geometry lives in chunk-sized scratch buffers instead.

@@ -69,6 +69,9 @@ BACKWARD_CHUNK_SAMPLES = 2**14
 # faster than gather + bmm here and a single parallel region) or, if False or unsupported, the gather path.
 USE_SDDMM = True
 
+# Process queries in spatial order (see :func:`_spatial_order`).
+SPATIAL_ORDER = True
+
 # Table rows are computed in floating point (exact below 2**24 in float32, else float64 is used) and
 # stored as int32 when they fit: int32 halves index memory and makes the backward's sort ~2x faster.
 _FLOAT32_EXACT = 2**24
@@ -383,6 +386,26 @@ def _location_and_weight_grads(
     return grad_loc, grad_weights
 
 
+def _spatial_order(locations: Tensor, num_queries: int, layout: _Layout) -> Tensor:
+    """``[B*Q]`` permutation that visits the queries batch by batch, in raster order of the finest-level cell of
+    their first sampling point (head 0, point 0).
+
+    Neighbouring queries then read neighbouring table rows, which keeps the gathers cache-friendly when the
+    caller's order is spatially random (the focus encoder's score-sorted tokens): measured ~15% less time for
+    the forward and for forward+backward at the 800x1333 focus shape, no change at the dense (already raster
+    ordered) and decoder shapes. ``locations``: ``[B*Q, heads,
+    2, L*P]`` planar view. Batches stay in order, so position ``i`` of the permutation is still batch
+    ``i // Q``.
+    """
+    height, width = layout.shapes[0]
+    first = locations[:, 0, :, 0].to(torch.float64)  # [B*Q, 2]: (x, y) of head 0, level 0, point 0
+    cell_x = (first[:, 0] * width).floor_().clamp_(0, width - 1)
+    cell_y = (first[:, 1] * height).floor_().clamp_(0, height - 1)
+    batch_index = torch.arange(locations.shape[0], device=locations.device) // num_queries
+    key = (batch_index * height + cell_y) * width + cell_x
+    return torch.argsort(key.nan_to_num_(0.0), stable=True)
+
+
 class _MSDeformAttnFast(torch.autograd.Function):
     """Forward: one weighted ``embedding_bag`` over the corner rows. Backward: closed form (see module doc)."""
 
@@ -407,6 +430,11 @@ class _MSDeformAttnFast(torch.autograd.Function):
         # Planar views: [B*Q, heads, 2, L*P] locations, [B*Q, heads, L*P] weights.
         locations = sampling_locations.reshape(total, num_heads, num_samples, 2).transpose(-1, -2)
         weights = attention_weights.reshape(total, num_heads, num_samples)
+        # Work in spatial order (see _spatial_order); the output is put back in the caller's order at the end.
+        order = _spatial_order(locations, num_queries, layout) if SPATIAL_ORDER and total > 1 else None
+        if order is not None:
+            locations = locations.index_select(0, order)
+            weights = weights.index_select(0, order)
         need_backward = any(ctx.needs_input_grad)
         need_loc_grad = ctx.needs_input_grad[2]
         chunk = _queries_per_chunk(FORWARD_CHUNK_SAMPLES, num_heads, num_samples)
@@ -441,26 +469,30 @@ class _MSDeformAttnFast(torch.autograd.Function):
                 rows.view(n * num_heads, corners), table, mode="sum", per_sample_weights=w.view(n * num_heads, corners)
             )
 
+        if order is not None:
+            output = output.view(total, num_heads * head_dim)
+            output = torch.empty_like(output).index_copy_(0, order, output)
         ctx.layout = layout
         ctx.consts = consts
         ctx.dims = (batch, num_tokens, num_heads, head_dim, num_queries, num_levels, num_points)
         if need_backward:
-            ctx.save_for_backward(table, attention_weights, frac_all, top_left_all, grad_scale_all)
+            ctx.save_for_backward(table, weights, frac_all, top_left_all, grad_scale_all, order)
         return output.view(batch, num_queries, num_heads * head_dim)
 
     @staticmethod
     @once_differentiable  # the closed-form backward is not itself differentiable: fail loudly on double backward
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        table, attention_weights, frac_all, top_left_all, grad_scale_all = ctx.saved_tensors
+        # Everything saved is in the forward's working (spatial) order; `order` maps it to the caller's.
+        table, weights, frac_all, top_left_all, grad_scale_all, order = ctx.saved_tensors
         layout: _Layout = ctx.layout
         consts: _Constants = ctx.consts
         batch, num_tokens, num_heads, head_dim, num_queries, num_levels, num_points = ctx.dims
         need_value, _, need_loc, need_weights = ctx.needs_input_grad[:4]
-        num_samples = num_levels * num_points
         total = batch * num_queries
 
-        grad_rows = grad_output.reshape(total * num_heads, head_dim).contiguous()
-        weights = attention_weights.reshape(total, num_heads, num_samples)
+        grad_rows = grad_output.reshape(total, num_heads * head_dim)
+        grad_rows = grad_rows.contiguous() if order is None else grad_rows.index_select(0, order)
+        grad_rows = grad_rows.view(total * num_heads, head_dim)
         grad_value = grad_loc = grad_weights = None
         if need_value:
             grad_value = _value_grad(grad_rows, weights, frac_all, top_left_all, consts, layout, batch, num_tokens)
@@ -468,6 +500,10 @@ class _MSDeformAttnFast(torch.autograd.Function):
             grad_loc, grad_weights = _location_and_weight_grads(
                 grad_rows, table, weights, frac_all, top_left_all, grad_scale_all, consts, need_loc, need_weights
             )
+            if order is not None:  # back to the caller's query order
+                grad_loc = None if grad_loc is None else torch.empty_like(grad_loc).index_copy_(0, order, grad_loc)
+                grad_weights = (None if grad_weights is None
+                                else torch.empty_like(grad_weights).index_copy_(0, order, grad_weights))
             if grad_loc is not None:
                 grad_loc = grad_loc.view(batch, num_queries, num_heads, num_levels, num_points, 2)
             if grad_weights is not None:
