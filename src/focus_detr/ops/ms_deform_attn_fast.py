@@ -25,23 +25,29 @@ What this implementation does instead (plain PyTorch ops only, CPU and CUDA):
     with ``4 * L * P`` entries per ``(query, head)``); where that op is unavailable, corner rows are gathered
     in cache-sized chunks (``embedding_bag`` with bags of one row, ~2x faster than ``index_select`` for
     128-byte rows) and reduced with a ``bmm``.
+* Queries are processed in spatial order (:func:`_spatial_order`) so that neighbouring bags read neighbouring
+  rows; outputs and gradients are returned in the caller's order.
 * Per-sample arithmetic runs on "planar" ``[n, heads, 2 | 4, L*P]`` tensors with per-level constants
   repeated to full ``L*P`` width: broadcasting a ``[L, 1, 2]`` constant against interleaved ``(x, y)`` pairs
   leaves PyTorch's CPU kernels an inner loop of length 2, measured ~35x slower per element.
 
-Numerics (``align_corners=False``, zero padding, exactly like ``grid_sample``): location ``x`` maps to pixel
-coordinate ``x * W - 0.5`` (pixel ``i`` is centred at ``(i + 0.5) / W``). Each level's map has one row/column
-of zeros on every side, so a corner just outside the map reads a zero instead of needing a mask. Pixel
-coordinates are clamped to ``[-1, W]`` first: beyond that all four corners are outside the map, the output
-is exactly zero and ``grid_sample``'s location gradient is zero, which the backward reproduces with a mask
-(see :func:`_sample_geometry`). Results agree with the reference to rounding (float64: ~1e-15 relative);
-the summation order differs, so float32 results differ in the last few bits.
+Numerics (``align_corners=False``, zero padding, as ``grid_sample``): location ``x`` maps to pixel
+coordinate ``x * W - 0.5`` (pixel ``i`` is centred at ``(i + 0.5) / W``), the formula of the official CUDA
+kernel; ``grid_sample`` computes the same number as ``((2x - 1 + 1) * W - 1) / 2``. Each level's map has one
+row/column of zeros on every side, so a corner just outside the map reads a zero instead of needing a mask.
+Pixel coordinates are clamped to ``[-1, W]`` first: beyond that all four corners are outside the map, the
+output is exactly zero and ``grid_sample``'s location gradient is zero, which the backward reproduces with a
+mask (see :func:`_sample_geometry`). Non-finite locations give NaN for their (query, head), as in the
+reference. In float64 the results agree with the reference to ~1e-15. In float32 the two round the pixel
+coordinate differently (one ulp of a coordinate near 167 is 1.5e-5), so outputs differ by up to ~1e-5 at the
+800x1333 shapes with unit-variance values; at the rare points whose coordinate rounds to different sides of
+an integer (a kink of the bilinear weights) the two location gradients are the two one-sided derivatives.
 
 Memory: the padded table (~1x ``value``), per-sample geometry saved for the backward (20 bytes per sample
 point in float32 with int32 rows, ~57 MB for the dense 800x1333 encoder), chunk temporaries (see
 ``FORWARD_CHUNK_SAMPLES``), and in the backward four ``[B * N_pad * heads, D]`` corner gradients plus sort
-buffers. Measured peak (RSS growth, dense 800x1333 encoder, float32): forward 190 MB vs 1.09 GB for the
-reference, forward+backward 434 MB vs 1.15 GB.
+buffers. Measured peak (RSS growth, dense 800x1333 encoder, float32): forward 213 MB vs 1.09 GB for the
+reference, forward+backward 447 MB vs 1.18 GB.
 """
 
 from __future__ import annotations
