@@ -34,12 +34,12 @@ class DemoRecipe:
     train_images: int = 1000
     val_images: int = 100
     image_size: tuple[int, int] = (192, 256)
-    iterations: int = 3000
+    iterations: int = 3500
     batch_size: int = 4
     lr: float = 2e-4
     backbone_lr: float = 2e-4
     lr_drop: float = 0.85  # lr x0.1 at this fraction of the iterations
-    ema: bool = True  # evaluate an exponential moving average of the weights
+    ema: bool = False  # evaluate an exponential moving average of the weights (did not help here)
     ema_decay: float = 0.999
     train_scales: tuple[int, ...] = (192,)
     test_short_side: int = 192
@@ -190,7 +190,7 @@ def choose_threads(requested: str) -> int:
     return 1 if default > 1 and load >= 1.0 else default
 
 
-def _draw_predictions(model, dataset, out_dir: Path, count: int, score_threshold: float = 0.4) -> list[Path]:
+def _draw_predictions(model, dataset, out_dir: Path, count: int, score_threshold: float = 0.3) -> list[Path]:
     """Draw the detections of the first ``count`` images of ``dataset`` (original resolution)."""
     from PIL import Image
 
