@@ -36,6 +36,12 @@ def runs(out: str, threads: int, quick: bool) -> list[tuple[str, list[str]]]:
         ("r50_backbone_once", cli + ["--size", "800x1333,480x640", "--repeats", "5", *t, "--backbone-once",
                                      "--output", f"{out}/r50_backbone_once.json",
                                      "--plot", f"{plots}/latency_r50_backbone_once.png"]),
+        # the same on one thread: on a shared, oversubscribed CPU a 2-thread op waits for its descheduled
+        # second thread, which inflates many-small-op stages; one thread avoids that barrier
+        ("r50_backbone_once_1thread", cli + ["--size", "800x1333", "--repeats", "7", "--threads", "1",
+                                             "--backbone-once", "--no-memory",
+                                             "--output", f"{out}/r50_backbone_once_1thread.json",
+                                             "--plot", f"{plots}/latency_r50_backbone_once_1thread.png"]),
         # the detector as committed
         ("r50_as_shipped", cli + ["--size", "800x1333", "--repeats", "3", *t, "--no-anchor",
                                   "--output", f"{out}/r50_as_shipped.json",
@@ -69,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    failed with exit code {code}", flush=True)
 
     sys.path.insert(0, os.path.join(HERE, "..", "src"))
-    from focus_detr.bench import format_report, format_train_step
+    from focus_detr.bench import format_report, format_train_step, refresh_derived
 
     parts = []
     for name in sorted(os.listdir(args.out_dir)):
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             data = json.load(f)
         parts.append(f"## {name[:-5]}\n")
         if "results" in data:
-            parts.append(format_report(data, markdown=True))
+            parts.append(format_report(refresh_derived(data), markdown=True))
         elif "modes" in data:
             parts.append("\n".join(format_train_step(data, markdown=True)) + "\n")
     with open(os.path.join(args.out_dir, "summary.md"), "w") as f:

@@ -123,6 +123,9 @@ def test_report_structure(tiny_report):
     assert entry["modes"]["dense"]["stages"]["token_selection"]["gflops"] == 0
     assert entry["ratios"]["focus/dense"]["token_selection"]["ms"] is None
     assert entry["ratios"]["focus/dense"]["encoder"]["gflops"] == pytest.approx(enc["focus"] / enc["dense"])
+    for key in ("ms", "ms_paired", "ms_min"):
+        assert entry["ratios"]["focus/dense"]["total"][key] > 0
+    assert entry["backbone_calls_per_forward"]["focus"] >= 1
     assert set(entry["ratios"]) == {"focus/dense", "sparse/dense"}
     tokens = entry["tokens"]
     n = tokens["dense"]["num_tokens"]
@@ -140,6 +143,36 @@ def test_plot(tiny_report, tmp_path):
 
     (path,) = plot_report(tiny_report, tmp_path / "bars.png")
     assert Path(path).stat().st_size > 1000
+
+
+def test_refresh_derived_recomputes(tiny_report):
+    import copy
+
+    from focus_detr.bench import refresh_derived
+
+    r = copy.deepcopy(tiny_report)
+    r["results"][0]["ratios"] = {}
+    r["targets"] = None
+    refresh_derived(r)
+    assert r["results"][0]["ratios"] == tiny_report["results"][0]["ratios"]
+
+
+def test_backbone_once_wrapper():
+    from focus_detr.bench.models import BackboneOnce, backbone_module, make_batch
+
+    models, _ = build_mode_models("tiny", ("focus",), seed=0, backbone_once=True)
+    model = models["focus"]
+    assert isinstance(model.backbone, BackboneOnce)
+    calls = []
+    backbone_module(model).register_forward_hook(lambda *_: calls.append(1))
+    batch = make_batch(model, (96, 128))
+    with torch.no_grad():
+        out1 = model(batch)
+    assert len(calls) == 1 and model.backbone._cache is None  # computed once, cache cleared after the forward
+    plain, _ = build_mode_models("tiny", ("focus",), seed=0)
+    with torch.no_grad():
+        out2 = plain["focus"](batch)
+    assert torch.allclose(out1.main.logits, out2.main.logits, atol=1e-5)
 
 
 def test_train_step_speed():

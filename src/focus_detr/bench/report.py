@@ -22,12 +22,19 @@ def _table(header: list[str], rows: list[list[str]], markdown: bool) -> list[str
 
 
 def stage_rows(entry: dict[str, Any], modes: list[str], stages: list[str], key: str, fmt: str) -> tuple[list[str], list[list[str]]]:
+    """One row per stage: the value of each mode, then the ratios (for ``ms`` also the paired ratios)."""
     ratio_names = list(entry.get("ratios", {}))
+    paired = key == "ms"
     header = ["stage"] + [f"{m}" for m in modes] + ratio_names
+    if paired:
+        header += [f"{r} paired" for r in ratio_names] + [f"{r} min" for r in ratio_names]
     rows = []
     for stage in stages:
         row = [stage] + [_f(entry["modes"][m]["stages"][stage][key], fmt) for m in modes]
-        row += [_f(entry["ratios"][r][stage][key if key != "gflops_counter" else "gflops"], "{:.2f}") for r in ratio_names]
+        row += [_f(entry["ratios"][r][stage][key], "{:.2f}") for r in ratio_names]
+        if paired:
+            row += [_f(entry["ratios"][r][stage].get("ms_paired"), "{:.2f}") for r in ratio_names]
+            row += [_f(entry["ratios"][r][stage].get("ms_min"), "{:.2f}") for r in ratio_names]
         rows.append(row)
     return header, rows
 
@@ -46,7 +53,9 @@ def format_report(report: dict[str, Any], markdown: bool = False) -> str:
                    f"(after {s['warmup']} warm-up)")
         out.append("")
         header, rows = stage_rows(entry, modes, stages, "ms", "{:.1f}")
-        out.append("Latency (ms) by stage" + (":" if not markdown else ""))
+        out.append("Latency (ms, median) by stage; ratios of the medians, 'paired': median over rounds of the "
+                   "ratio of the two runs of the same round, 'min': ratio of the fastest runs"
+                   + (":" if not markdown else ""))
         out.append("")
         out += _table(header, rows, markdown)
         out.append("")
@@ -95,7 +104,9 @@ def format_report(report: dict[str, Any], markdown: bool = False) -> str:
                        f"{anchor['total']['ms']:.1f} ms (backbone {st.get('backbone', 0):.1f}, encoder "
                        f"{st.get('encoder', 0):.1f}, decoder {st.get('decoder', 0):.1f}), "
                        f"{anchor['total']['gflops']:.1f} GFLOPs; "
-                       + ", ".join(f"{m}/anchor latency {anchor[f'{m}/anchor_ms']:.2f}" for m in modes))
+                       + ", ".join(f"{m}/anchor latency {anchor[f'{m}/anchor_ms']:.2f} (paired "
+                                   f"{_f(anchor.get(f'{m}/anchor_ms_paired'), '{:.2f}')}, min "
+                                   f"{_f(anchor.get(f'{m}/anchor_ms_min'), '{:.2f}')})" for m in modes))
             out.append("")
         check = entry.get("official_flop_check")
         if check:
@@ -116,7 +127,10 @@ def format_report(report: dict[str, Any], markdown: bool = False) -> str:
         for t in report["targets"]:
             verdict = "" if t["met"] is None else (" MET" if t["met"] else " MISSED")
             limit = "" if t["limit"] is None else f" (limit {t['limit']})"
-            out.append(f"  {t['name']}: {_f(t['value'], '{:.3f}')}{limit}{verdict}")
+            paired = f" (paired {t['paired']:.3f})" if t.get("paired") is not None else ""
+            if t.get("min") is not None:
+                paired += f" (min {t['min']:.3f})"
+            out.append(f"  {t['name']}: {_f(t['value'], '{:.3f}')}{paired}{limit}{verdict}")
     return "\n".join(out).rstrip() + "\n"
 
 
