@@ -17,7 +17,7 @@ phases of a shared machine hit both implementations alike (the load average is p
 
 On a machine shared with other CPU-bound processes the 2-thread wall times measure the scheduler more than
 the kernels: each multi-threaded op waits until its second thread gets a core (~5-10 ms at a load average
-of 4 on 2 cores), and the fast path runs ~3x more such ops than the reference. There, either run at
+of 4 on 2 cores), and the fast path runs 2-3x more such ops than the reference. There, either run at
 real-time priority for the minute the benchmark takes (``chrt -f 10 python benchmarks/bench_msda.py``,
 needs root), or compare single-threaded CPU time (``--threads 1 --clock cpu``).
 """

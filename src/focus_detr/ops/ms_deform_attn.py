@@ -15,7 +15,7 @@ Implementations and how one is chosen (visible, never silent):
   ``"fast"`` on CPU, where ``benchmarks/bench_msda.py`` measured it 9-12x faster forward and ~5x faster
   forward+backward at the 800x1333 encoder shapes (dense and focus), 2.7x / 2.2x at the decoder shape
   (2-core AMD EPYC, 2 threads), with a fifth of the reference's peak memory; ``"reference"`` on every
-  other device. One caveat: it runs ~3x more (smaller) multi-threaded ops, so on a CPU oversubscribed by
+  other device. One caveat: it runs 2-3x more (smaller) multi-threaded ops, so on a CPU oversubscribed by
   other processes, where every parallel region waits for a descheduled thread, its advantage shrinks and
   at the decoder shape it was measured slower (see the benchmark's notes). CUDA stays on the reference
   because no GPU was available to measure when this rule was set: there ``grid_sample`` is one fused
