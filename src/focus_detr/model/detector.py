@@ -144,6 +144,11 @@ class FocusDETR(nn.Module):
         """Normalise and pad ``[3, h, w]`` RGB images (0..255) into an :class:`ImageBatch` on the model's device."""
         return batch_images([im.to(self.device) for im in images], self.cfg.pixel_mean, self.cfg.pixel_std)
 
+    def _neck_features(self, x: Tensor) -> list[Tensor]:
+        """Backbone (run once) then neck: ``[B, 3, H, W]`` -> list of ``[B, C, H_l, W_l]``, fine to coarse."""
+        outs = self.backbone(x)
+        return self.neck([outs[name] for name in self.backbone.out_features])
+
     def _features(self, batch: ImageBatch) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """Neck features per level ``[B, C, H_l, W_l]``, padding masks per level ``[B, H_l, W_l]`` and, in
         batch-invariant mode, each image's own feature size per level ``[B, L, 2]``."""
@@ -151,7 +156,7 @@ class FocusDETR(nn.Module):
         sizes = batch.image_sizes
         full = bool((sizes[:, 0] == x.shape[2]).all() and (sizes[:, 1] == x.shape[3]).all())
         if not self.per_image:
-            feats = self.neck([self.backbone(x)[n] for n in self.backbone.out_features])
+            feats = self._neck_features(x)
             if self.training:
                 pixel_mask = batch.padding_mask.to(x.dtype)
             else:
@@ -160,7 +165,7 @@ class FocusDETR(nn.Module):
             masks = [F.interpolate(pixel_mask[None], size=f.shape[-2:]).to(torch.bool)[0] for f in feats]
             return feats, masks, None
         if full:
-            feats = self.neck([self.backbone(x)[n] for n in self.backbone.out_features])
+            feats = self._neck_features(x)
             level_sizes = torch.tensor([list(f.shape[-2:]) for f in feats], device=x.device)
             level_sizes = level_sizes[None].expand(x.shape[0], -1, -1).contiguous()
         else:
@@ -170,7 +175,7 @@ class FocusDETR(nn.Module):
             for b in range(x.shape[0]):
                 h, w = sizes[b].tolist()
                 xb = x[b:b + 1, :, :h, :w]
-                per_image.append(self.neck([self.backbone(xb)[n] for n in self.backbone.out_features]))
+                per_image.append(self._neck_features(xb))
             feats = []
             for level in range(len(per_image[0])):
                 hmax = max(p[level].shape[2] for p in per_image)
