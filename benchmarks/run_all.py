@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run every benchmark behind benchmarks/RESULTS.md, one after another, and write a Markdown summary.
 
-    python benchmarks/run_all.py                 # the RESULTS.md runs (about an hour on a 2-core CPU)
+    python benchmarks/run_all.py                 # the RESULTS.md runs (about 1.5 hours on 2 busy cores)
     python benchmarks/run_all.py --quick         # smoke run: tiny preset, small sizes, 1 round
     python benchmarks/run_all.py --out-dir DIR --threads 2
 
@@ -46,6 +46,11 @@ def runs(out: str, threads: int, quick: bool) -> list[tuple[str, list[str]]]:
         ("r50_as_shipped", cli + ["--size", "800x1333", "--repeats", "3", *t, "--no-anchor",
                                   "--output", f"{out}/r50_as_shipped.json",
                                   "--plot", f"{plots}/latency_r50_as_shipped.png"]),
+        ("r50_as_shipped_1thread", cli + ["--size", "800x1333", "--repeats", "3", "--threads", "1", "--no-anchor",
+                                          "--no-memory", "--output", f"{out}/r50_as_shipped_1thread.json"]),
+        ("anchor_as_shipped_1thread", [sys.executable, f"{HERE}/bench_hf_anchor.py", "--size", "800x1333",
+                                       "--repeats", "3", "--threads", "1",
+                                       "--json", f"{out}/anchor_as_shipped_1thread.json"]),
         ("train_step", [sys.executable, f"{HERE}/bench_train_step.py", *t, "--json", f"{out}/train_step.json"]),
         ("train_step_backbone_once", [sys.executable, f"{HERE}/bench_train_step.py", *t, "--backbone-once",
                                       "--json", f"{out}/train_step_backbone_once.json"]),

@@ -275,7 +275,7 @@ def run_benchmark(
         if memory:
             say(f"{size[0]}x{size[1]}: peak memory, one fresh process per mode")
             mem_modes = list(modes) + ([ANCHOR_NAME] if anchor_model is not None else [])
-            if dev.type != "cpu" or isinstance(preset, str):
+            if isinstance(preset, str):
                 entry["memory"] = measure_peak_memory(preset_name, mem_modes, size, batch, seed, device,
                                                       torch.get_num_threads(), backbone_once=backbone_once)
             else:

@@ -7,7 +7,7 @@ import re
 import torch
 from torch import Tensor, nn
 
-from ..config import FocusDETRConfig, ResNetConfig, make_config
+from ..config import FocusDETRConfig, ResNetConfig
 from ..model import FocusDETR, build_model
 from ..ops.images import ImageBatch
 
@@ -133,10 +133,6 @@ def is_resnet50(cfg: FocusDETRConfig) -> bool:
     b = cfg.backbone
     return (isinstance(b, ResNetConfig) and b.depth == 50 and b.num_blocks is None and b.base_width == 64
             and b.stem_channels == 64)
-
-
-def resolve_config(preset: str | FocusDETRConfig) -> FocusDETRConfig:
-    return make_config(preset)
 
 
 def encoder_tokens(outputs, num_layers: int) -> dict[str, object]:
