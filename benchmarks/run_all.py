@@ -42,7 +42,8 @@ def runs(out: str, threads: int, quick: bool) -> list[tuple[str, list[str]]]:
                                              "--backbone-once", "--no-memory",
                                              "--output", f"{out}/r50_backbone_once_1thread.json",
                                              "--plot", f"{plots}/latency_r50_backbone_once_1thread.png"]),
-        # the detector as committed
+        # without the workaround: on code before d1d0fee (e.g. 6bf73d8) these measure the backbone run 3x per
+        # forward ("before the fix" in RESULTS.md); on later code they repeat the backbone-once runs
         ("r50_as_shipped", cli + ["--size", "800x1333", "--repeats", "3", *t, "--no-anchor",
                                   "--output", f"{out}/r50_as_shipped.json",
                                   "--plot", f"{plots}/latency_r50_as_shipped.png"]),

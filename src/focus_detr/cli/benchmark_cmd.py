@@ -42,8 +42,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="deformable attention implementation to select first (see "
                         "focus_detr.ops.ms_deform_attn.available_implementations(); default: leave the current one)")
     p.add_argument("--backbone-once", action="store_true",
-                   help="measure as if the detector ran its backbone once per forward (benchmark-side "
-                        "workaround: the detector at this commit runs it once per output feature, 3x)")
+                   help="cache the backbone output per input, so code that runs the backbone once per output "
+                        "feature (before commit d1d0fee: 3x) is measured as if fixed; a no-op on current code")
     p.add_argument("--json", action="store_true", help="print the report as JSON (progress goes to stderr)")
     p.add_argument("--output", metavar="PATH", help="also write the JSON report to PATH")
     p.add_argument("--plot", metavar="PATH", help="write latency bars per stage (PNG; one per size)")
