@@ -64,4 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # Run through the package module, not this __main__ copy: commands raise focus_detr.cli.main.CLIError,
+    # which must be the class main() catches.
+    from focus_detr.cli.main import main as _package_main
+
+    sys.exit(_package_main())

@@ -99,6 +99,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="timeout of every collective under torchrun: a dead rank stops the others (default 1800)")
     g.add_argument("--stop-at", type=int, metavar="ITER", help="checkpoint and stop at this iteration (resume later)")
     g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms (slower)")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="skip missing/unreadable training images with a counted warning instead of stopping")
     g.add_argument("--threads", type=int, help="torch CPU threads per process (default: PyTorch's choice)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard events")
@@ -128,7 +130,7 @@ def config_from_args(args: argparse.Namespace):
         eval_batch_size=args.eval_batch_size, max_eval_images=args.max_eval_images,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
         resume=args.resume, max_bad_steps=args.max_bad_steps, dist_timeout_s=args.dist_timeout,
-        stop_at=args.stop_at, deterministic=args.deterministic, backbone_weights=args.backbone_weights,
+        stop_at=args.stop_at, deterministic=args.deterministic, skip_bad=args.skip_bad, backbone_weights=args.backbone_weights,
         init_weights=args.init_weights,
         progress=not args.no_progress, tensorboard=not args.no_tensorboard,
     )

@@ -107,11 +107,13 @@ def split_paths(data_dir: str | Path, split: str) -> tuple[Path, Path]:
 
 
 def build_train_dataset(data_dir: str | Path, split: str, scales: Sequence[int], max_size: int,
-                        flip: bool = True, crop: bool = False) -> CocoDetection:
+                        flip: bool = True, crop: bool = False, skip_bad: bool = False) -> CocoDetection:
+    """The training split. ``skip_bad``: a missing or unreadable image is skipped with a counted warning
+    instead of stopping the run with a :class:`~focus_detr.data.errors.DataError` naming it."""
     image_dir, ann = split_paths(data_dir, split)
     transforms = build_train_transforms(scales=tuple(scales), max_size=max_size, crop=crop,
                                         flip_p=0.5 if flip else 0.0, **(_crop_kwargs(scales) if crop else {}))
-    return CocoDetection(image_dir, ann, transforms, filter_empty=True, skip_bad=True)
+    return CocoDetection(image_dir, ann, transforms, filter_empty=True, skip_bad=skip_bad)
 
 
 def _crop_kwargs(scales: Sequence[int]) -> dict[str, Any]:

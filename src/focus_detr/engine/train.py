@@ -95,6 +95,7 @@ class TrainConfig:
     dist_timeout_s: float = 1800.0
     stop_at: int | None = None  # checkpoint and stop at this iteration (pre-emption / tests)
     deterministic: bool = False
+    skip_bad: bool = False  # skip unreadable training images with a counted warning instead of failing
     backbone_weights: str | None = None  # ImageNet backbone file (torchvision / detectron2 / Swin)
     # Fine-tuning: initial weights from a weights file, a training checkpoint or an official checkpoint (of
     # `preset`); tensors whose shape differs (the class heads of another label set) keep their fresh init.
@@ -210,7 +211,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
     scales, max_size = default_train_scales(base_cfg.test_short_side, base_cfg.test_max_size)
     scales = tuple(cfg.train_scales) if cfg.train_scales else scales
     max_size = cfg.train_max_size or max_size
-    train_set = build_train_dataset(cfg.data_dir, cfg.train_split, scales, max_size, cfg.flip, cfg.crop)
+    train_set = build_train_dataset(cfg.data_dir, cfg.train_split, scales, max_size, cfg.flip, cfg.crop,
+                                    cfg.skip_bad)
     model: FocusDETR = build_model(cfg.preset, num_classes=train_set.num_classes, class_names=train_set.class_names,
                                    **cfg.model_overrides)
     val_set = None
@@ -530,14 +532,22 @@ def load_matching_weights(model: torch.nn.Module, state_dict: dict[str, torch.Te
 
 
 def _install_stop_handlers(flag: list[int]) -> dict[int, Any]:
-    """Record SIGTERM / SIGUSR1 in ``flag`` instead of dying (main thread only; returns the old handlers)."""
+    """Record SIGTERM / SIGUSR1 / SIGINT in ``flag`` instead of dying (main thread only; returns the old
+    handlers). The run then checkpoints at the end of the current step and exits cleanly. A second Ctrl-C
+    interrupts at once (the default handler is back after the first)."""
     if threading.current_thread() is not threading.main_thread():
         return {}
     previous = {}
-    for name in ("SIGTERM", "SIGUSR1"):
+
+    def on_signal(signum: int, frame: Any) -> None:
+        flag.append(signum)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
         sig = getattr(signal, name, None)
         if sig is not None:
-            previous[sig] = signal.signal(sig, lambda signum, frame: flag.append(signum))
+            previous[sig] = signal.signal(sig, on_signal)
     return previous
 
 
