@@ -113,3 +113,16 @@ def test_clear_errors_without_tracebacks(workspace, tmp_path):
         assert proc.returncode != 0 and "Traceback" not in proc.stderr and "truncated" in proc.stderr
         proc = run_cli("eval", str(bad), "--data", str(data), "--split", "test", check=False)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
+
+
+def test_demo_time_budget_helpers(tmp_path):
+    from focus_detr.cli.demo_cmd import _planned_iterations, _seconds_per_iteration, choose_threads
+
+    rows = [{"type": "event", "iter": 0, "time": 0.0}, {"type": "train", "iter": 25, "time": 100.0},
+            {"type": "train", "iter": 50, "time": 105.0}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert _seconds_per_iteration(tmp_path / "metrics.jsonl") == pytest.approx(0.2)
+    assert _planned_iterations(tmp_path) is None
+    (tmp_path / "demo_plan.json").write_text(json.dumps({"iterations": 4200}))
+    assert _planned_iterations(tmp_path) == 4200
+    assert choose_threads("3") == 3 and choose_threads("auto") >= 1

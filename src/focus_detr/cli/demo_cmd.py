@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,9 @@ class DemoRecipe:
     train_images: int = 1000
     val_images: int = 100
     image_size: tuple[int, int] = (192, 256)
-    iterations: int = 3500
+    iterations: int = 3000  # with --time-budget: the minimum; more when the machine is fast enough
+    max_iterations: int = 12000  # with --time-budget: the maximum
+    calibration_iterations: int = 100  # iterations timed to choose the length
     batch_size: int = 4
     lr: float = 2e-4
     backbone_lr: float = 2e-4
@@ -63,7 +66,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        epilog="example:\n  focus-detr demo --out runs/demo")
     p.add_argument("--out", default="runs/demo", metavar="RUN_DIR", help="run folder (default runs/demo)")
     p.add_argument("--data", metavar="DIR", help="dataset folder (default RUN_DIR/data; generated if absent)")
-    p.add_argument("--iters", type=int, default=r.iterations, help=f"training iterations (default {r.iterations})")
+    p.add_argument("--iters", type=int, help="fixed number of training iterations (default: chosen from --time-budget)")
+    p.add_argument("--time-budget", type=float, default=17.0, metavar="MINUTES",
+                   help="wall-clock budget of the whole demo: the first iterations are timed and the run length is "
+                        f"chosen to fit (between {r.iterations} and {r.max_iterations} iterations; default 17)")
     p.add_argument("--batch-size", type=int, default=r.batch_size, help=f"default {r.batch_size}")
     p.add_argument("--lr", type=float, default=r.lr, help=f"default {r.lr:g} (backbone too: trained from scratch)")
     p.add_argument("--train-images", type=int, default=r.train_images, help=f"default {r.train_images}")
@@ -93,11 +99,12 @@ def run(args: argparse.Namespace) -> int:
     from .main import CLIError
 
     start = time.perf_counter()
-    if args.iters <= 0 or args.batch_size <= 0:
-        raise CLIError("--iters and --batch-size must be positive")
+    if (args.iters is not None and args.iters <= 0) or args.batch_size <= 0 or args.time_budget <= 0:
+        raise CLIError("--iters, --batch-size and --time-budget must be positive")
     threads = choose_threads(args.threads)
     torch.set_num_threads(threads)
-    r = dataclasses.replace(RECIPE, iterations=args.iters, batch_size=args.batch_size, lr=args.lr, backbone_lr=args.lr,
+    r = dataclasses.replace(RECIPE, iterations=args.iters or RECIPE.iterations, batch_size=args.batch_size, lr=args.lr,
+                            backbone_lr=args.lr,
                             train_images=args.train_images, val_images=args.val_images, seed=args.seed)
     run_dir = Path(args.out)
     data_dir = Path(args.data) if args.data else run_dir / "data"
@@ -110,19 +117,38 @@ def run(args: argparse.Namespace) -> int:
 
     # 2. training -------------------------------------------------------------------------------------
     overrides = {"test_short_side": r.test_short_side, "test_max_size": r.test_max_size, **r.model_overrides}
-    cfg = TrainConfig(
-        data_dir=str(data_dir), out_dir=str(run_dir), preset="tiny", model_overrides=overrides, val_split=None,
-        schedule=None, max_iters=r.iterations, lr_steps=(int(r.iterations * r.lr_drop),), batch_size=r.batch_size,
-        num_workers=args.workers, lr=r.lr, backbone_lr=r.backbone_lr, train_scales=r.train_scales,
-        train_max_size=r.test_max_size, seed=r.seed, device=args.device, ema=r.ema, ema_decay=r.ema_decay,
-        checkpoint_every=500, keep_checkpoints=2,
-        log_every=25, resume="auto", progress=not args.no_progress, tensorboard=False,
-    )
-    print(f"[2/4] training the tiny preset for {r.iterations} iterations of {r.batch_size} images "
-          f"(progress in {run_dir / 'metrics.jsonl'})")
+    def config(iterations: int, stop_at: int | None = None) -> TrainConfig:
+        return TrainConfig(
+            data_dir=str(data_dir), out_dir=str(run_dir), preset="tiny", model_overrides=overrides, val_split=None,
+            schedule=None, max_iters=iterations, lr_steps=(int(iterations * r.lr_drop),), batch_size=r.batch_size,
+            num_workers=args.workers, lr=r.lr, backbone_lr=r.backbone_lr, train_scales=r.train_scales,
+            train_max_size=r.test_max_size, seed=r.seed, device=args.device, ema=r.ema, ema_decay=r.ema_decay,
+            checkpoint_every=500, keep_checkpoints=2, log_every=25, resume="auto", stop_at=stop_at,
+            progress=not args.no_progress, tensorboard=False,
+        )
+
     train_start = time.perf_counter()
-    result = train(cfg)
+    iterations = args.iters or _planned_iterations(run_dir)
+    if iterations is None:
+        # Time the first iterations, then fit the run into the budget. The lr is constant until the drop at
+        # 85 %, so a run stopped here and resumed with its final length is the same as a run of that length.
+        print(f"[2/4] timing {r.calibration_iterations} iterations to fit the run into {args.time_budget:g} min")
+        train(config(r.max_iterations, stop_at=r.calibration_iterations))
+        per_iter = _seconds_per_iteration(run_dir / "metrics.jsonl")
+        reserve = 45.0 + 0.3 * r.val_images  # evaluation, pictures, start-up
+        remaining = args.time_budget * 60.0 - (time.perf_counter() - start) - reserve
+        fit = r.calibration_iterations + int(0.9 * remaining / per_iter)
+        iterations = int(min(r.max_iterations, max(r.iterations, fit // 100 * 100)))
+        print(f"      {per_iter:.3f} s per iteration -> {iterations} iterations")
+        write_json(run_dir / "demo_plan.json", {"iterations": iterations, "seconds_per_iteration": per_iter,
+                                                "time_budget_min": args.time_budget})
+    print(f"[2/4] training the tiny preset for {iterations} iterations of {r.batch_size} images "
+          f"(progress in {run_dir / 'metrics.jsonl'})")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="the schedule differs from the checkpoint")
+        result = train(config(iterations))
     train_seconds = time.perf_counter() - train_start
+    r = dataclasses.replace(r, iterations=iterations)
 
     # 3. evaluation on the held-out split -----------------------------------------------------------------
     device = resolve_device(args.device, DistInfo())
@@ -166,6 +192,25 @@ def run(args: argparse.Namespace) -> int:
           f"(targets {AP_TARGET} / {AP50_TARGET}: {'met' if report['targets_met'] else 'NOT met'})")
     print(json.dumps({k: report[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}))
     return 0
+
+
+def _planned_iterations(run_dir: Path) -> int | None:
+    """The length chosen by an earlier, interrupted demo in ``run_dir`` (so a re-run resumes the same run)."""
+    try:
+        return int(json.loads((run_dir / "demo_plan.json").read_text())["iterations"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _seconds_per_iteration(metrics_path: Path) -> float:
+    """Steady-state seconds per iteration from the last two training rows of ``metrics.jsonl``."""
+    from ..engine.logging import read_metrics
+
+    rows = [row for row in read_metrics(metrics_path) if row.get("type") == "train"]
+    if len(rows) < 2:
+        raise RuntimeError("the timing run logged too few rows")
+    a, b = rows[-2], rows[-1]
+    return max(1e-3, (b["time"] - a["time"]) / max(1, b["iter"] - a["iter"]))
 
 
 def choose_threads(requested: str) -> int:
