@@ -76,9 +76,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--val-images", type=int, default=r.val_images, help=f"default {r.val_images}")
     p.add_argument("--seed", type=int, default=r.seed, help=f"default {r.seed}")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="default cpu")
-    p.add_argument("--threads", default="auto",
-                   help="torch CPU threads: a number, or 'auto' (default): PyTorch's default, but 1 when the load "
-                        "average shows other work on the machine (competing OpenMP threads slow training many-fold)")
+    p.add_argument("--threads", default="1",
+                   help="torch CPU threads (default 1), or 'auto': PyTorch's default unless the load average shows "
+                        "other work. One thread is the robust default: when another process starts competing for the "
+                        "cores, spinning OpenMP threads slow training 10-100x, one thread only proportionally")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0: decoding is cheap here)")
     p.add_argument("--pictures", type=int, default=6, help="held-out images drawn with their detections (default 6)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
