@@ -126,3 +126,26 @@ def test_demo_time_budget_helpers(tmp_path):
     (tmp_path / "demo_plan.json").write_text(json.dumps({"iterations": 4200}))
     assert _planned_iterations(tmp_path) == 4200
     assert choose_threads("3") == 3 and choose_threads("auto") >= 1
+
+
+def test_demo_end_to_end_small(tmp_path):
+    """The README's main job on a CI-sized budget: dataset, training, held-out evaluation, report files."""
+    run = tmp_path / "demo"
+    out = run_cli("demo", "--out", str(run), "--iters", "6", "--train-images", "8", "--val-images", "3",
+                  "--pictures", "2", "--no-progress").stdout
+    assert "[4/4]" in out and "held-out AP" in out
+    report = json.loads((run / "metrics.json").read_text())
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+        assert report[key] is None or 0.0 <= report[key] <= 1.0, key
+    assert report["iterations"] == 6 and report["num_val_images"] == 3
+    assert report["recipe"]["model_overrides"] == {"decoder.query_nms_iou": 0.5}
+    assert (run / "loss_curve.png").stat().st_size > 0
+    assert len(list((run / "predictions").glob("*.png"))) == 2
+    import focus_detr
+
+    model = focus_detr.load(run / "model_final.pth")
+    assert model.cfg.decoder.query_nms_iou == 0.5 and model.cfg.num_classes == 6
+    # Running it again on the same folder resumes the finished run instead of training anew.
+    again = run_cli("demo", "--out", str(run), "--iters", "6", "--train-images", "8", "--val-images", "3",
+                    "--pictures", "0", "--no-progress").stdout
+    assert "already present" in again

@@ -34,11 +34,16 @@ def reference_msda():
     msda.select_implementation(previous)
 
 
-@pytest.mark.parametrize("size", [(320, 427), (97, 130), (512, 300), (MIN_SIZE, 200)])
-def test_export_forward_equals_model_forward(size: tuple[int, int], reference_msda) -> None:
+@pytest.mark.parametrize("size,query_nms_iou", [((320, 427), None), ((97, 130), None), ((512, 300), None),
+                                                ((MIN_SIZE, 200), None), ((320, 427), 0.5), ((MIN_SIZE, 200), 0.5)])
+def test_export_forward_equals_model_forward(size: tuple[int, int], query_nms_iou: float | None,
+                                             reference_msda) -> None:
     """The glue restated for export (no .tolist(), budgets as tensors) computes what FocusDETR.forward does."""
     torch.manual_seed(0)
-    model = focus_detr.build_model("tiny").eval()
+    model = focus_detr.build_model("tiny", **{"decoder.query_nms_iou": query_nms_iou}).eval()
+    if query_nms_iou is not None:  # large equal proposal boxes, so the distinct-query selection changes queries
+        with torch.no_grad():
+            model.proposal_box_head.layers[-1].bias.copy_(torch.tensor([0.0, 0.0, 3.0, 3.0]))
     wrapper = ExportableFocusDETR(model).eval()
     image = torch.randint(0, 256, (3, *size), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     with torch.no_grad():
@@ -60,7 +65,13 @@ def exported(tmp_path_factory) -> dict:
         pytest.importorskip(module, reason=f"optional package {module!r} not installed (pip install onnx onnxscript "
                                            "onnxruntime); the ONNX export test needs it")
     root = tmp_path_factory.mktemp("onnx")
-    weights = save_tiny_weights(root / "tiny.pt", seed=3)
+    # The demo's configuration: distinct query selection on, with large equal proposal boxes so that it
+    # actually reorders the queries (the graph then holds the Fast-NMS ops too).
+    torch.manual_seed(3)
+    model = focus_detr.build_model("tiny", **{"decoder.query_nms_iou": 0.5})
+    with torch.no_grad():
+        model.proposal_box_head.layers[-1].bias.copy_(torch.tensor([0.0, 0.0, 3.0, 3.0]))
+    weights = focus_detr.save(model, root / "tiny.pt")
     out = root / "tiny.onnx"
     proc = run_cli("export", weights, "--format", "onnx", out)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -30,6 +30,11 @@ class DemoRecipe:
 
     The tiny preset is trained from scratch (no ImageNet backbone), so the backbone gets the full lr rather
     than the official x0.1. Images are used at their native size (192 x 256) for training and testing.
+
+    The model adds distinct query selection (``decoder.query_nms_iou=0.5``, off in the official model): a
+    short run otherwise ends with several near-identical queries per object, which one-to-one matching
+    suppresses only late in training. Measured at 5200 iterations on the same data: AP 0.391 / AP50 0.514
+    without, 0.531 / 0.706 with IoU 0.7, 0.566 / 0.769 with IoU 0.5.
     """
 
     train_images: int = 1000
@@ -47,7 +52,7 @@ class DemoRecipe:
     train_scales: tuple[int, ...] = (192,)
     test_short_side: int = 192
     test_max_size: int = 1000
-    model_overrides: dict[str, Any] = field(default_factory=dict)
+    model_overrides: dict[str, Any] = field(default_factory=lambda: {"decoder.query_nms_iou": 0.5})
     seed: int = 0
 
     def as_dict(self) -> dict[str, Any]:

@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..model.detector import FocusDETR, _flatten_levels, _valid_ratios
+from ..model.detector import FocusDETR, _flatten_levels, _valid_ratios, demote_duplicate_proposals
 from ..ops import ms_deform_attn as msda
 from ..ops.boxes import box_cxcywh_to_xyxy, inverse_sigmoid
 
@@ -269,7 +269,11 @@ class ExportableFocusDETR(nn.Module):
         proposal_logits = m.proposal_class_head(output_memory)
         proposal_coords = m.proposal_box_head(output_memory) + proposals
         num_queries = torch.sym_min(cfg.decoder.num_queries, num_tokens)
-        topk = policy.proposals(proposal_logits.max(-1)[0], num_queries)
+        ranking = proposal_logits.max(-1)[0]
+        if cfg.decoder.query_nms_iou is not None:
+            ranking = demote_duplicate_proposals(ranking, proposal_coords, num_queries, cfg.decoder.query_nms_iou,
+                                                 policy)
+        topk = policy.proposals(ranking, num_queries)
         reference_boxes = torch.gather(proposal_coords, 1, topk[..., None].expand(-1, -1, 4)).sigmoid()
         target = m.target_embed.weight[:num_queries][None]
 

@@ -16,7 +16,7 @@ from ..config import FocusDETRConfig
 from ..layers.deformable_attention import MultiScaleDeformableAttention
 from ..layers.mlp import MLP
 from ..layers.position_encoding import PositionEmbeddingSine
-from ..ops.boxes import inverse_sigmoid
+from ..ops.boxes import box_cxcywh_to_xyxy, fast_nms_keep, inverse_sigmoid
 from ..ops.images import ImageBatch, batch_images
 from .decoder import DINODecoder
 from .denoising import prepare_denoising
@@ -47,6 +47,30 @@ def _encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> T
         ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * w)
         points.append(torch.stack((ref_x, ref_y), -1))
     return torch.cat(points, 1)[:, :, None] * valid_ratios[:, None]
+
+
+def demote_duplicate_proposals(scores: Tensor, coords: Tensor, num_queries: int, iou_threshold: float,
+                               policy: SelectionPolicy) -> Tensor:
+    """Distinct query selection: ranking scores in which near-duplicate proposals come last.
+
+    Args:
+        scores: ``[B, N]`` ranking score per token (max class logit; ``-inf`` for excluded tokens).
+        coords: ``[B, N, 4]`` proposal boxes as cxcywh logits.
+    Returns ``[B, N]``: the candidates (the best ``4 * num_queries``) that overlap a better candidate by more
+    than ``iou_threshold`` get their score lowered by the image's score range (+1), below every other token,
+    so they are only taken when fewer distinct proposals than queries exist; their order among themselves
+    is kept.
+    """
+    num_candidates = torch.sym_min(scores.shape[1], 4 * num_queries)  # sym_min: symbolic sizes in ONNX export
+    candidates = policy.proposals(scores, num_candidates)  # [B, M], best first
+    boxes = box_cxcywh_to_xyxy(torch.gather(coords, 1, candidates[..., None].expand(-1, -1, 4)).sigmoid())
+    keep = fast_nms_keep(boxes, iou_threshold)
+    finite = torch.isfinite(scores)
+    highest = scores.masked_fill(~finite, float("-inf")).amax(1, keepdim=True)
+    lowest = scores.masked_fill(~finite, float("inf")).amin(1, keepdim=True)
+    offset = (highest - lowest).nan_to_num(0.0).clamp(min=0.0) + 1.0
+    candidate_scores = torch.gather(scores, 1, candidates)
+    return scores.scatter(1, candidates, torch.where(keep, candidate_scores, candidate_scores - offset))
 
 
 def _valid_ratios(mask: Tensor) -> Tensor:
@@ -254,6 +278,9 @@ class FocusDETR(nn.Module):
         if self.per_image:
             ranking_scores = proposal_scores.masked_fill(padding_mask, float("-inf"))
         num_queries = min(cfg.decoder.num_queries, proposal_scores.shape[1])
+        if cfg.decoder.query_nms_iou is not None:
+            ranking_scores = demote_duplicate_proposals(ranking_scores.detach(), proposal_coords.detach(),
+                                                        num_queries, cfg.decoder.query_nms_iou, policy)
         topk = policy.proposals(ranking_scores, num_queries)
         query_padding_mask = None
         if self.per_image:
