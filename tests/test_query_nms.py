@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -86,3 +87,9 @@ def test_model_with_query_nms_selects_distinct_proposals_and_trains():
     (out.main.logits.sum() + out.encoder_proposals.logits.sum() + out.encoder_proposals.boxes.sum()).backward()
     for module in (model.proposal_class_head, model.proposal_box_head, model.class_heads[-1], model.backbone):
         assert all(p.grad is not None for p in module.parameters())
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.5, 2, "0.5", True])
+def test_query_nms_iou_out_of_range_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="decoder.query_nms_iou"):
+        focus_detr.build_model("tiny", **{"decoder.query_nms_iou": bad})

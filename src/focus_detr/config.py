@@ -259,6 +259,9 @@ def validate_config(cfg: FocusDETRConfig) -> None:
         raise ValueError(f"encoder.cascade has {len(enc.cascade)} ratios but the encoder has {enc.num_layers} layers")
     if not 0.0 < enc.keep_ratio <= 1.0:
         raise ValueError(f"encoder.keep_ratio must be in (0, 1], got {enc.keep_ratio}")
+    iou = cfg.decoder.query_nms_iou
+    if iou is not None and (isinstance(iou, bool) or not isinstance(iou, (int, float)) or not 0.0 < iou < 1.0):
+        raise ValueError(f"decoder.query_nms_iou must be None (off) or an IoU in (0, 1), got {iou!r}")
     if cfg.num_levels != 4:
         raise ValueError("only 4 feature levels (strides 8/16/32/64) are supported")
     if cfg.embed_dim % 2:
