@@ -13,22 +13,16 @@ import torch
 from focus_detr import api
 from focus_detr.api import CheckpointFormatError
 from focus_detr.data import ensure_shapes_dataset
-from focus_detr.engine import (LRSchedule, TrainConfig, TrainingDivergedError, build_optimizer, find_latest_checkpoint,
+from focus_detr.engine import (LRSchedule, TrainingDivergedError, build_optimizer, find_latest_checkpoint,
                                load_checkpoint, param_groups, save_checkpoint, schedule_for, train)
 from focus_detr.engine.checkpoint import capture_rng_state, list_checkpoints, prune_checkpoints, restore_rng_state
 from focus_detr.engine.logging import read_metrics
 from focus_detr.losses import SetCriterion
 from focus_detr.model import build_model
+from train_utils import small_train_config
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a 2-core machine shared with other work, OpenMP threads spinning against each
-    other make these small training runs many times slower (restored afterwards)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +32,7 @@ def data_dir(tmp_path_factory):
     return root
 
 
-def _cfg(data_dir, out, **kw) -> TrainConfig:
-    base = dict(data_dir=str(data_dir), out_dir=str(out), preset="tiny", val_split=None, schedule=None, max_iters=4,
-                batch_size=2, num_workers=0, lr=2e-4, backbone_lr=2e-4, train_scales=(96,), train_max_size=200,
-                seed=0, checkpoint_every=100, log_every=1, progress=False, tensorboard=False,
-                model_overrides={"decoder.num_queries": 20, "encoder.oesm_topk": 20, "test_short_side": 96})
-    base.update(kw)
-    return TrainConfig(**base)
+_cfg = small_train_config
 
 
 # --------------------------------------------------------------------------------------------------

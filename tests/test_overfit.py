@@ -7,20 +7,12 @@ images would stay far below 1. Runs in CI (about a minute on 2 CPU cores).
 from __future__ import annotations
 
 import pytest
-import torch
 
 from focus_detr.data import ensure_shapes_dataset
 from focus_detr.engine import TrainConfig, train
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a 2-core machine shared with other work, OpenMP threads spinning against each
-    other make these small training runs many times slower (restored afterwards)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @pytest.mark.slow

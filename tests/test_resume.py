@@ -10,16 +10,10 @@ from focus_detr.data import ensure_shapes_dataset
 from focus_detr.engine import TrainConfig, load_checkpoint, train
 from focus_detr.engine.checkpoint import list_checkpoints
 from focus_detr.engine.data import TrainingStream
+from train_utils import small_train_config
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a 2-core machine shared with other work, OpenMP threads spinning against each
-    other make these small training runs many times slower (restored afterwards)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +24,11 @@ def data_dir(tmp_path_factory):
 
 
 def _cfg(data_dir, out, **kw) -> TrainConfig:
-    base = dict(data_dir=str(data_dir), out_dir=str(out), preset="tiny", val_split=None, schedule=None, max_iters=6,
-                lr_steps=(4,), batch_size=2, num_workers=0, lr=2e-4, backbone_lr=2e-4, train_scales=(96, 112),
-                train_max_size=200, seed=5, checkpoint_every=100, log_every=2, progress=False, tensorboard=False,
-                ema=True, ema_decay=0.9, deterministic=True,
-                model_overrides={"decoder.num_queries": 20, "encoder.oesm_topk": 20, "test_short_side": 96})
-    base.update(kw)
-    return TrainConfig(**base)
+    """Six iterations with an lr step, two scales, EMA and deterministic algorithms: everything resume restores."""
+    changes = dict(max_iters=6, lr_steps=(4,), train_scales=(96, 112), seed=5, log_every=2, ema=True, ema_decay=0.9,
+                   deterministic=True)
+    changes.update(kw)
+    return small_train_config(data_dir, out, **changes)
 
 
 def _assert_same_state(a: dict, b: dict) -> None:
