@@ -128,6 +128,23 @@ def test_demo_time_budget_helpers(tmp_path):
     assert choose_threads("3") == 3 and choose_threads("auto") >= 1
 
 
+def test_demo_plan_fits_the_budget_or_reports_the_overrun():
+    from focus_detr.cli.demo_cmd import RECIPE, plan_iterations
+
+    # The development machine: 0.161 s per iteration, 25 s spent -> 5200 iterations, about 14.7 min expected.
+    iterations, expected = plan_iterations(RECIPE, 0.161, 25.0, 17.0)
+    assert iterations == 5200 and 13.0 < expected < 17.0
+    # Always a multiple of 100 within [iterations, max_iterations], and within budget whenever that is possible.
+    for per_iter in (0.01, 0.05, 0.1, 0.2, 0.25, 0.3):
+        iterations, expected = plan_iterations(RECIPE, per_iter, 25.0, 17.0)
+        assert RECIPE.iterations <= iterations <= RECIPE.max_iterations and iterations % 100 == 0
+        assert expected <= 17.0 or iterations == RECIPE.iterations
+    assert plan_iterations(RECIPE, 0.01, 25.0, 17.0)[0] == RECIPE.max_iterations
+    # A machine too slow for the minimum: the plan keeps the minimum and its expected time shows the overrun.
+    iterations, expected = plan_iterations(RECIPE, 0.5, 25.0, 17.0)
+    assert iterations == RECIPE.iterations and expected > 17.0
+
+
 def test_demo_end_to_end_small(tmp_path):
     """The README's main job on a CI-sized budget: dataset, training, held-out evaluation, report files."""
     run = tmp_path / "demo"

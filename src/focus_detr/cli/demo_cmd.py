@@ -141,11 +141,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"[2/4] timing {r.calibration_iterations} iterations to fit the run into {args.time_budget:g} min")
         train(config(r.max_iterations, stop_at=r.calibration_iterations))
         per_iter = _seconds_per_iteration(run_dir / "metrics.jsonl")
-        reserve = 45.0 + 0.3 * r.val_images  # evaluation, pictures, start-up
-        remaining = args.time_budget * 60.0 - (time.perf_counter() - start) - reserve
-        fit = r.calibration_iterations + int(0.9 * remaining / per_iter)
-        iterations = int(min(r.max_iterations, max(r.iterations, fit // 100 * 100)))
+        iterations, expected_min = plan_iterations(r, per_iter, time.perf_counter() - start, args.time_budget)
         print(f"      {per_iter:.3f} s per iteration -> {iterations} iterations")
+        if expected_min > args.time_budget:
+            # Fewer iterations would not show real learning; say so instead of silently overrunning.
+            warnings.warn(f"this machine is slower than the demo expects ({per_iter:.3f} s per iteration): even the "
+                          f"minimum of {r.iterations} iterations takes about {expected_min:.0f} min, over the "
+                          f"{args.time_budget:g} min budget (is another process using the cores? see --threads)",
+                          stacklevel=1)
         write_json(run_dir / "demo_plan.json", {"iterations": iterations, "seconds_per_iteration": per_iter,
                                                 "time_budget_min": args.time_budget})
     print(f"[2/4] training the tiny preset for {iterations} iterations of {r.batch_size} images "
@@ -198,6 +201,23 @@ def run(args: argparse.Namespace) -> int:
           f"(targets {AP_TARGET} / {AP50_TARGET}: {'met' if report['targets_met'] else 'NOT met'})")
     print(json.dumps({k: report[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}))
     return 0
+
+
+def plan_iterations(recipe: DemoRecipe, seconds_per_iteration: float, elapsed_s: float,
+                    budget_min: float) -> tuple[int, float]:
+    """The run length that fits the budget, and the minutes the whole demo is then expected to take.
+
+    ``elapsed_s`` is the time spent so far (data and the timed calibration iterations). The evaluation,
+    pictures and start-up get a fixed reserve; 10 % of the rest is kept as a margin for slower phases.
+    The length is rounded down to 100 and clipped to ``[recipe.iterations, recipe.max_iterations]``, so on a
+    slow machine the expected time can exceed the budget (the caller warns).
+    """
+    reserve = 45.0 + 0.3 * recipe.val_images  # evaluation, pictures, start-up
+    remaining = budget_min * 60.0 - elapsed_s - reserve
+    fit = recipe.calibration_iterations + int(0.9 * remaining / seconds_per_iteration)
+    iterations = int(min(recipe.max_iterations, max(recipe.iterations, fit // 100 * 100)))
+    expected_s = elapsed_s + reserve + (iterations - recipe.calibration_iterations) * seconds_per_iteration
+    return iterations, expected_s / 60.0
 
 
 def _planned_iterations(run_dir: Path) -> int | None:
