@@ -166,3 +166,19 @@ def test_demo_end_to_end_small(tmp_path):
     again = run_cli("demo", "--out", str(run), "--iters", "6", "--train-images", "8", "--val-images", "3",
                     "--pictures", "0", "--no-progress").stdout
     assert "already present" in again
+
+
+def test_demo_set_changes_the_model_and_rejects_unknown_options(tmp_path):
+    proc = run_cli("demo", "--out", str(tmp_path / "bad"), "--iters", "1", "--train-images", "2", "--val-images", "1",
+                   "--no-progress", "--set", "decoder.bogus=1", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "decoder.bogus" in proc.stderr
+    run = tmp_path / "ok"
+    run_cli("demo", "--out", str(run), "--iters", "1", "--train-images", "2", "--val-images", "1", "--pictures", "0",
+            "--no-progress", "--set", "decoder.query_nms_iou=None", "--set", "encoder.oesm_score=prob_product")
+    report = json.loads((run / "metrics.json").read_text())
+    assert report["recipe"]["model_overrides"] == {"decoder.query_nms_iou": None, "encoder.oesm_score": "prob_product"}
+    import focus_detr
+
+    cfg = focus_detr.load(run / "model_final.pth").cfg
+    assert cfg.decoder.query_nms_iou is None and cfg.encoder.oesm_score == "prob_product"

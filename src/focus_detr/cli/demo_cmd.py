@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .train_cmd import parse_override
+
 
 @dataclass(frozen=True)
 class DemoRecipe:
@@ -80,6 +82,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--train-images", type=int, default=r.train_images, help=f"default {r.train_images}")
     p.add_argument("--val-images", type=int, default=r.val_images, help=f"default {r.val_images}")
     p.add_argument("--seed", type=int, default=r.seed, help=f"default {r.seed}")
+    p.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
+                   help="change a model option on top of the recipe's (repeatable), e.g. "
+                        "--set encoder.oesm_score=prob_product or --set decoder.query_nms_iou=None")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="default cpu")
     p.add_argument("--threads", default="1",
                    help="torch CPU threads (default 1), or 'auto': PyTorch's default unless the load average shows "
@@ -111,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     r = dataclasses.replace(RECIPE, iterations=args.iters or RECIPE.iterations, batch_size=args.batch_size, lr=args.lr,
                             backbone_lr=args.lr,
-                            train_images=args.train_images, val_images=args.val_images, seed=args.seed)
+                            train_images=args.train_images, val_images=args.val_images, seed=args.seed,
+                            model_overrides={**RECIPE.model_overrides, **dict(args.overrides)})
     run_dir = Path(args.out)
     data_dir = Path(args.data) if args.data else run_dir / "data"
 

@@ -29,7 +29,9 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _override(text: str) -> tuple[str, Any]:
+def parse_override(text: str) -> tuple[str, Any]:
+    """``--set KEY=VALUE``: the value as a Python literal when it parses as one (``0.5``, ``None``, ``(1, 2)``),
+    else the bare string."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -53,7 +55,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="continue a run: 'auto' = newest complete checkpoint in RUN_DIR (fresh start if none)")
     g.add_argument("--seed", type=int, default=0, help="seed of the data order, augmentations and init (default 0)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
-    g.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
+    g.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
                    help="model config override, repeatable, e.g. --set decoder.num_queries=300 --set encoder.mode=dense")
     g.add_argument("--backbone-weights", metavar="PATH",
                    help="ImageNet backbone file (torchvision ResNet .pth, detectron2 .pkl, Swin .pth); fresh runs only")
