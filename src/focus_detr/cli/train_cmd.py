@@ -83,6 +83,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--max-size", type=int, help="longer-side cap in training (default: the preset's test max size)")
     g.add_argument("--crop", action="store_true", help="add detrex's random-crop augmentation branch (p=0.5)")
     g.add_argument("--no-flip", action="store_true", help="disable the horizontal flip")
+    g.add_argument("--no-aspect-grouping", action="store_true",
+                   help="batch images in stream order instead of grouping landscape and portrait images into separate "
+                        "batches (the official sampler groups them: less padding)")
     g.add_argument("--amp", action="store_true", help="mixed precision (CUDA only; bf16, or fp16 with loss scaling)")
     g.add_argument("--ema", action="store_true", help="keep an exponential moving average of the weights; "
                    "evaluation uses it and RUN_DIR/model_final_ema.pth holds it")
@@ -127,7 +130,7 @@ def config_from_args(args: argparse.Namespace):
         schedule=schedule, max_iters=args.max_iters, lr_steps=args.lr_steps, warmup_iters=args.warmup_iters,
         batch_size=args.batch_size, num_workers=args.workers, lr=args.lr, backbone_lr=args.backbone_lr,
         weight_decay=args.weight_decay, clip_max_norm=args.clip_max_norm, train_scales=args.train_scales,
-        train_max_size=args.max_size, flip=not args.no_flip, crop=args.crop, seed=args.seed, device=args.device,
+        train_max_size=args.max_size, flip=not args.no_flip, crop=args.crop, group_by_aspect=not args.no_aspect_grouping, seed=args.seed, device=args.device,
         amp=args.amp, ema=args.ema, ema_decay=args.ema_decay, eval_every=args.eval_every,
         eval_batch_size=args.eval_batch_size, max_eval_images=args.max_eval_images,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,

@@ -67,6 +67,44 @@ class TrainingStream(Sampler[SampleKey]):
             k += 1
 
 
+class AspectRatioGroupedBatches(Sampler[list[SampleKey]]):
+    """Batches in which every image has the same orientation (landscape ``w > h``, or not), as detectron2's
+    aspect-ratio grouping in the official recipe: mixing a landscape and a portrait image pads both to a
+    square-ish canvas, which wastes about a third of the compute on padding.
+
+    Keys of the ``stream`` (read from position 0) go, in stream order, to the bucket of their image's
+    orientation; a bucket that reaches ``batch_size`` keys is emitted. Batch ``b`` is therefore a pure
+    function of the stream and the orientations (unlike detectron2's, which groups inside each DataLoader
+    worker and so depends on the worker count), and resuming at batch ``start_batch`` replays the bucket
+    filling from the start, which touches only keys, never images (well under a second for a COCO schedule).
+    """
+
+    def __init__(self, stream: TrainingStream, landscape: Sequence[bool], batch_size: int,
+                 start_batch: int = 0) -> None:
+        if stream.start != 0:
+            raise ValueError("the grouped batches replay the stream from position 0; resume with start_batch")
+        if len(landscape) != stream.size:
+            raise ValueError(f"{len(landscape)} orientations for a dataset of {stream.size} images")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.stream = stream
+        self.landscape = [bool(x) for x in landscape]
+        self.batch_size = batch_size
+        self.start_batch = int(start_batch)
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        buckets: tuple[list[SampleKey], list[SampleKey]] = ([], [])
+        emitted = 0
+        for key in self.stream:
+            bucket = buckets[self.landscape[key[2]]]
+            bucket.append(key)
+            if len(bucket) == self.batch_size:
+                if emitted >= self.start_batch:
+                    yield list(bucket)
+                emitted += 1
+                bucket.clear()
+
+
 class SeededItems(Dataset):
     """Wraps a dataset so item ``(rank, position, index)`` is loaded with Python's ``random`` seeded from
     ``(seed, rank, position)`` (the data transforms draw from the global ``random``). The caller's
@@ -134,17 +172,28 @@ def build_eval_dataset(data_dir: str | Path, split: str, short_side: int, max_si
 
 
 def build_train_loader(dataset: CocoDetection, batch_size: int, num_workers: int, seed: int, rank: int,
-                       world_size: int, start_position: int, pixel_mean: Sequence[float],
-                       pixel_std: Sequence[float], pin_memory: bool = False) -> DataLoader:
-    """Endless DataLoader of ``(ImageBatch, targets)`` starting at stream position ``start_position``."""
-    stream = TrainingStream(len(dataset), seed, rank, world_size, start_position)
-    return DataLoader(
-        SeededItems(dataset, seed), batch_size=batch_size, sampler=stream, drop_last=True,
+                       world_size: int, start_iteration: int, pixel_mean: Sequence[float],
+                       pixel_std: Sequence[float], pin_memory: bool = False,
+                       group_by_aspect: bool = True) -> DataLoader:
+    """Endless DataLoader of ``(ImageBatch, targets)`` starting at batch ``start_iteration``.
+
+    ``group_by_aspect``: batches of one orientation (:class:`AspectRatioGroupedBatches`, the official
+    recipe); otherwise consecutive stream positions. Both are exact on resume. When every image has the
+    same orientation the two give the same batches.
+    """
+    common: dict[str, Any] = dict(
         num_workers=num_workers, collate_fn=make_collate(pixel_mean, pixel_std), pin_memory=pin_memory,
         persistent_workers=False,
         # Own generator: creating the iterator must not consume the global torch RNG (resume exactness).
         generator=torch.Generator().manual_seed(seed),
     )
+    if group_by_aspect:
+        landscape = [info["width"] > info["height"] for info in map(dataset.get_image_info, range(len(dataset)))]
+        batches = AspectRatioGroupedBatches(TrainingStream(len(dataset), seed, rank, world_size), landscape,
+                                            batch_size, start_batch=start_iteration)
+        return DataLoader(SeededItems(dataset, seed), batch_sampler=batches, **common)
+    stream = TrainingStream(len(dataset), seed, rank, world_size, start_iteration * batch_size)
+    return DataLoader(SeededItems(dataset, seed), batch_size=batch_size, sampler=stream, drop_last=True, **common)
 
 
 def build_eval_loader(dataset: Dataset, indices: Sequence[int], batch_size: int, num_workers: int,

@@ -79,6 +79,7 @@ class TrainConfig:
     train_max_size: int | None = None  # None: the model's test_max_size
     flip: bool = True
     crop: bool = False  # detrex's random-crop branch (off in the official Focus-DETR recipe)
+    group_by_aspect: bool = True  # batches of one orientation (landscape / portrait), as the official sampler
     seed: int = 0
     device: str = "auto"
     amp: bool = False  # CUDA only: bf16 autocast (fp16 + GradScaler where bf16 is unsupported)
@@ -288,8 +289,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
     if info.is_distributed:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     loader = build_train_loader(train_set, cfg.batch_size, cfg.num_workers, cfg.seed, info.rank, info.world_size,
-                                start_iter * cfg.batch_size, model_without_ddp.cfg.pixel_mean,
-                                model_without_ddp.cfg.pixel_std, pin_memory=device.type == "cuda")
+                                start_iter, model_without_ddp.cfg.pixel_mean, model_without_ddp.cfg.pixel_std,
+                                pin_memory=device.type == "cuda", group_by_aspect=cfg.group_by_aspect)
 
     # ---- run description ----------------------------------------------------------------------------
     logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard)
