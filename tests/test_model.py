@@ -25,6 +25,16 @@ def tiny():
     return focus_detr.build_model("tiny").eval()
 
 
+@pytest.fixture(scope="module")
+def tiny_query_nms():
+    """The demo's configuration, with large equal proposal boxes so that the distinct query selection acts."""
+    torch.manual_seed(0)
+    model = focus_detr.build_model("tiny", **{"decoder.query_nms_iou": 0.5}).eval()
+    with torch.no_grad():
+        model.proposal_box_head.layers[-1].bias.copy_(torch.tensor([0.0, 0.0, 3.0, 3.0]))
+    return model
+
+
 # ---- token selection ---------------------------------------------------------------------------------
 def test_cascade_counts_per_image_and_padding_never_selected(tiny):
     sizes = [(96, 128), (64, 80), (40, 48)]
@@ -139,9 +149,11 @@ def _keyed(det):
             zip(det.query_indices, det.labels, det.scores, det.boxes)}
 
 
-def test_detections_identical_alone_and_in_a_mixed_batch(tiny):
+@pytest.mark.parametrize("model_fixture", ["tiny", "tiny_query_nms"])
+def test_detections_identical_alone_and_in_a_mixed_batch(model_fixture, request):
     """Same detections (keyed by query and class) with scores within 1e-5 and boxes within 1e-3 px. Keys may
     differ only at the top-k boundary, between scores closer than float noise."""
+    tiny = request.getfixturevalue(model_fixture)
     sizes = [(120, 160), (72, 200), (96, 64), (40, 36)]
     images = _images(sizes, seed=3)
     with torch.no_grad():
