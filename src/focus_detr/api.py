@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -76,15 +75,24 @@ def save(model: FocusDETR, path: str | Path, extra: Mapping[str, Any] | None = N
     return path
 
 
-def read_weights_file(path: str | Path) -> dict[str, Any]:
-    """Read and verify one of our weights files; raises :class:`CheckpointFormatError` with the reason."""
+def read_torch_file(path: str | Path, what: str = "file") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, for every kind of checkpoint we read (weights files,
+    training checkpoints, official checkpoints); a missing or unreadable file raises
+    :class:`CheckpointFormatError` naming it (``what`` names the missing thing: "no such <what>")."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointFormatError(f"{path}: no such file")
+        raise CheckpointFormatError(f"{path}: no such {what}")
     try:
-        payload = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, foreign pickle, random bytes...
-        raise CheckpointFormatError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, foreign pickle, random bytes, ...
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise CheckpointFormatError(f"{path}: not a readable checkpoint, the file is truncated or not a PyTorch "
+                                    f"file ({type(e).__name__}: {first})") from None
+
+
+def read_weights_file(path: str | Path) -> dict[str, Any]:
+    """Read and verify one of our weights files; raises :class:`CheckpointFormatError` with the reason."""
+    payload = read_torch_file(path)
     if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
         hint = ""
         if isinstance(payload, dict) and "model" in payload:

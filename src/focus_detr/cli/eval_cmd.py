@@ -45,27 +45,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def load_any_model(path: str | Path, preset: str | None = None, ema: bool = False, **overrides):
     """A :class:`~focus_detr.model.FocusDETR` from one of our weights files, a training checkpoint or (with
     ``preset``) an official checkpoint. Raises ``CheckpointFormatError`` / ``CLIError`` with the reason."""
-    import torch
-
     from .. import api
     from ..config import config_from_dict, make_config
     from ..convert import load_converted
+    from ..engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
     from ..model import build_model
     from .main import CLIError
 
     path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"{path}: no such file")
-    try:
-        payload = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise api.CheckpointFormatError(f"{path}: not a readable checkpoint, the file is truncated or not a PyTorch "
-                                        f"file ({type(e).__name__})") from None
+    payload = api.read_torch_file(path)
     kind = payload.get("format") if isinstance(payload, dict) else None
     if kind == api.WEIGHTS_FORMAT:
         return api.load(path, **overrides)
-    if kind == "focus-detr-train-checkpoint":
-        from ..engine.checkpoint import load_checkpoint
+    if kind == CHECKPOINT_FORMAT:
 
         state = load_checkpoint(path)  # verifies the checksum
         cfg = config_from_dict(state["model_config"])

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..api import CheckpointFormatError
+from ..api import CheckpointFormatError, read_torch_file
 
 CHECKPOINT_FORMAT = "focus-detr-train-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -161,14 +161,7 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
     """Read a training checkpoint; raise :class:`~focus_detr.api.CheckpointFormatError` with the reason when
     the file is missing, truncated, foreign, from a newer version or corrupted."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointFormatError(f"{path}: no such checkpoint file")
-    try:
-        payload = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, foreign pickle, random bytes, ...
-        first = str(e).splitlines()[0][:200] if str(e) else ""
-        raise CheckpointFormatError(f"{path}: not a readable checkpoint, the file is truncated or not a PyTorch "
-                                    f"file ({type(e).__name__}: {first})") from None
+    payload = read_torch_file(path, what="checkpoint file")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         hint = ""
         if isinstance(payload, dict) and payload.get("format") == "focus-detr-weights":

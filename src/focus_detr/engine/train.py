@@ -508,13 +508,7 @@ def ema_update_fn(decay: float):
 def read_any_state_dict(path: str | Path, preset: str) -> dict[str, torch.Tensor]:
     """Model weights (our names) from one of our weights files, a training checkpoint, or an official detrex
     checkpoint of ``preset``."""
-    if not Path(path).is_file():
-        raise api.CheckpointFormatError(f"{path}: no such file")
-    try:
-        payload = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise api.CheckpointFormatError(f"{path}: not a readable checkpoint, the file is truncated or not a PyTorch "
-                                        f"file ({type(e).__name__})") from None
+    payload = api.read_torch_file(path)
     kind = payload.get("format") if isinstance(payload, dict) else None
     if kind == api.WEIGHTS_FORMAT:
         return api.read_weights_file(path)["state_dict"]
