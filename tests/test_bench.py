@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from focus_detr.bench import (MODES, STAGES, SamplingCounter, benchmark_train_st
                               deformable_sampling_flops, flop_counter, format_report, parse_size, run_benchmark)
 from focus_detr.cli.main import main as cli_main
 from focus_detr.layers.deformable_attention import MultiScaleDeformableAttention
+from cli_utils import cli_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,16 +182,8 @@ def test_train_step_speed():
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------
-def _console_script() -> list[str]:
-    exe = Path(sys.executable).parent / "focus-detr"
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("focus-detr")
-    return [found] if found else [sys.executable, "-m", "focus_detr.cli.main"]
-
-
 def test_cli_help():
-    proc = subprocess.run(_console_script() + ["benchmark", "--help"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cli_command() + ["benchmark", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     for flag in ("--json", "--preset", "--size", "--repeats", "--modes", "--threads", "--device"):
         assert flag in proc.stdout
@@ -208,7 +199,7 @@ def test_cli_rejects_bad_arguments(capsys):
 @pytest.mark.slow
 def test_cli_json_tiny():
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(_console_script() + ["benchmark", "--preset", "tiny", "--size", "128x160", "--repeats", "1",
+    proc = subprocess.run(cli_command() + ["benchmark", "--preset", "tiny", "--size", "128x160", "--repeats", "1",
                                                "--json"], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import focus_detr
+from cli_utils import cli_command
 from focus_detr.inference import discover_images, explain, load_model, predict_to_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,12 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------------------------------
 # Helpers (also used by test_cli_tools.py and test_onnx.py)
-
-
-def cli_command() -> list[str]:
-    """The installed console script next to this interpreter, else ``python -m focus_detr.cli.main``."""
-    script = Path(sys.executable).parent / "focus-detr"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "focus_detr.cli.main"]
 
 
 def run_cli(*args: str | os.PathLike[str], cwd: Path | None = None, env_extra: dict[str, str] | None = None,

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-
-def _cli() -> list[str]:
-    script = Path(sys.executable).parent / "focus-detr"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("focus-detr")
-    return [found] if found else [sys.executable, "-m", "focus_detr.cli.main"]
+from cli_utils import cli_command
 
 
 def run_cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(_cli() + list(args), capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(cli_command() + list(args), capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"focus-detr {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -54,11 +54,9 @@ def _final_state(out: Path) -> dict:
 
 def test_sigkill_at_random_points_then_resume_matches_uninterrupted(data_dir, tmp_path):
     reference = tmp_path / "reference"
-    start = time.monotonic()
     done = subprocess.run(_command(data_dir, reference, resume=False), env=_env(), capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    full_run_seconds = time.monotonic() - start
     expected = _final_state(reference)
     # Seconds per training step, from the reference run's checkpoint times (start-up excluded).
     stamps = sorted(p.stat().st_mtime for _, p in list_checkpoints(reference))

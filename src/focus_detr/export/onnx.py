@@ -200,7 +200,7 @@ class ExportableFocusDETR(nn.Module):
                              persistent=False)
 
     def forward(self, image: Tensor) -> tuple[Tensor, ...]:
-        m, cfg = self.model, self.model.cfg
+        m = self.model
         device = image.device
         x = (image - self.pixel_mean) / self.pixel_std
         feats = m.neck([m.backbone(x)[n] for n in m.backbone.out_features])
