@@ -33,7 +33,7 @@ def parse_class_map(text: str | Path) -> dict[str, Any]:
     """A class map from a JSON object written inline or a path to a ``.json`` file holding one."""
     raw = str(text)
     source = None
-    if not raw.lstrip().startswith("{"):
+    if not raw.lstrip().startswith(("{", "[", '"')):  # not inline JSON: a file holding it
         source = Path(raw)
         try:
             raw = source.read_text(encoding="utf-8")
