@@ -187,6 +187,40 @@ def test_yolo_class_id_outside_the_names_is_a_data_error(tmp_path, layouts):
     assert "\n" not in str(e.value)
 
 
+def test_yolo_without_supervision_says_which_extra(tmp_path, layouts, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "supervision", None)  # import fails as when it is not installed
+    with pytest.raises(DataError, match="needs the optional package supervision: pip install 'focus-detr\\[formats\\]'"):
+        require_split(layouts["root"] / "yolo", "train").read()
+
+
+def test_voc_refuses_entity_declarations_and_reads_without_image_sets(tmp_path, layouts):
+    shutil.copytree(layouts["root"] / "voc", tmp_path / "voc")
+    shutil.rmtree(tmp_path / "voc" / "ImageSets")
+    found = require_split(tmp_path / "voc", "train")
+    assert isinstance(found, VocSplit) and found.ids is None and len(found.read()["images"]) == 6
+    assert find_split(tmp_path / "voc", "val") is None
+    xml = sorted((tmp_path / "voc" / "Annotations").glob("*.xml"))[0]
+    xml.write_text('<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x "xx">]><annotation>&x;</annotation>')
+    with pytest.raises(DataError, match=f"{xml.name}: DOCTYPE/ENTITY declarations are not accepted"):
+        found.read()
+
+
+@pytest.mark.parametrize("layout", ["yolo", "voc", "roboflow"])
+def test_datasets_of_every_layout_pickle_for_spawned_workers(layouts, layout):
+    import pickle
+
+    from focus_detr.engine.data import build_eval_dataset
+
+    found = require_split(layouts["root"] / layout, "val")
+    names = CocoDetection(found.image_dir, found.source, read_annotations=found.read).class_names
+    ds = build_eval_dataset(found, "val", 64, 100, names)
+    copy = pickle.loads(pickle.dumps(ds))
+    assert len(copy) == len(ds) and copy[0][1]["labels"].tolist() == ds[0][1]["labels"].tolist()
+    assert copy.coco.getImgIds() == ds.coco.getImgIds()  # the copy re-reads its labels when it needs them
+
+
 TRAIN_ARGS = ("--preset", "tiny", "--schedule", "none", "--max-iters", "2", "--batch-size", "2", "--workers", "0",
               "--train-scales", "64", "--lr", "2e-4", "--backbone-lr", "2e-4", "--checkpoint-every", "100",
               "--set", "decoder.num_queries=20", "--set", "encoder.oesm_topk=20", "--set", "test_short_side=64",

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..data import CocoDetection, build_test_transforms, build_train_transforms, make_collate
 from ..data.class_map import categories_with_boxes, map_categories
 from ..data.coco import validate_categories, validate_top_level
-from ..data.layouts import CocoJsonSplit, DatasetSplit, VocSplit, YoloSplit, find_split, require_split
+from ..data.layouts import CocoJsonSplit, DatasetSplit, VocSplit, YoloSplit, require_split
 from ..data.transforms import DEFAULT_TRAIN_SCALES
 
 SampleKey = tuple[int, int, int]  # (rank, stream position, dataset index)

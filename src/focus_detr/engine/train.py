@@ -37,11 +37,11 @@ from tqdm import tqdm
 
 from .. import api
 from ..config import config_to_dict, make_config
+from ..data.layouts import find_split, require_split
 from ..losses import HungarianMatcher, SetCriterion
 from ..model import FocusDETR, build_model
 from . import checkpoint as ckpt
-from .data import (build_eval_dataset, build_train_dataset, build_train_loader, default_train_scales, find_split,
-                   require_split)
+from .data import build_eval_dataset, build_train_dataset, build_train_loader, default_train_scales
 from .distributed import (DistInfo, DistributedError, all_gather_objects, any_true_each, barrier, cleanup_distributed,
                           env_dist_info, init_distributed, mean_over_processes, resolve_device)
 from .evaluate import evaluate, format_metrics
