@@ -243,7 +243,10 @@ def test_train_and_eval_end_to_end_on_each_layout(layouts, layout, tmp_path):
     assert "done: 2 iterations" in out and "val: AP" in out  # evaluated on the layout's val split
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     names = config["resolved"]["class_names"]
-    assert config["model"]["class_names"] == names  # stored with the weights
+    assert config["model"]["class_names"] == names
+    import focus_detr
+
+    assert list(focus_detr.api.load(tmp_path / "run" / "model_final.pth").cfg.class_names) == names  # in the weights
     assert len(names) == (7 if layout == "roboflow" else 6)
     if layout in ("roboflow", "voc"):
         return  # the `eval` command's dataset path is the one training used; checked on the other two

@@ -119,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
         overrides["test_max_size"] = args.max_size
     try:
         class_map = parse_class_map(args.class_map) if args.class_map is not None else None
-        source = require_split(args.data, args.split, args.json, args.images)
         model = load_any_model(args.weights, args.preset, args.ema, **overrides).to(device)
+        source = require_split(args.data, args.split, args.json, args.images)
         dataset = build_eval_dataset(source, args.split, model.cfg.test_short_side, model.cfg.test_max_size,
                                      model.cfg.class_names, model.cfg.num_classes, class_map,
                                      args.allow_outside_images)

@@ -199,7 +199,7 @@ def find_split(data_dir: str | Path | None, split: str, annotation_file: str | P
         raise DataError("no dataset given: pass --data DIR or an annotation json")
     root = Path(data_dir)
     if not root.is_dir():
-        raise DataError(f"dataset folder not found\n{ACCEPTED_LAYOUTS}", root)
+        raise DataError("dataset folder not found", root)
 
     if (root / "annotations").is_dir() and any((root / "annotations").glob("instances_*.json")):
         for name in split_names(split):
