@@ -206,6 +206,21 @@ def test_out_of_range_numbers_and_escaping_paths_are_data_errors(tmp_path, chang
     assert str(ann_file) in str(e.value) and "\n" not in str(e.value)
 
 
+@given(st.lists(st.sampled_from(["..", ".", "a", "b", "/", "\\", "c:", "~"]), max_size=8))
+@settings(max_examples=200, deadline=None)
+def test_accepted_file_names_never_leave_the_folder(parts):
+    import posixpath
+
+    from focus_detr.data.coco import _stays_inside
+
+    name = "".join(parts)
+    if not name or not _stays_inside(name):
+        return
+    base = "/data/images"
+    resolved = posixpath.normpath(posixpath.join(base, name.replace("\\", "/")))
+    assert resolved == base or resolved.startswith(base + "/"), name
+
+
 @pytest.mark.parametrize("text,expected", [
     ('{"images": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
     ('{"images": [], "x": ' + "9" * 5000 + "}", "not a usable annotation file"),

@@ -510,6 +510,8 @@ def _get_int(d: dict[str, Any], key: str, path: Path, where: str, allow_integral
             raise DataError(f"{key!r} is outside the 64-bit integer range ({_short(v)})", path, where)
         return v
     if allow_integral_float and isinstance(v, float) and v.is_integer():
+        if not -(2.0 ** 63) <= v < 2.0 ** 63:
+            raise DataError(f"{key!r} is outside the 64-bit integer range ({v!r})", path, where)
         return int(v)
     raise DataError(f"{key!r} must be an integer, got {_short(v)}", path, where)
 

@@ -364,11 +364,10 @@ def _parse_voc_xml(path: Path) -> dict[str, Any]:
     size_node = root.find("size")
     if size_node is not None and text(size_node, "width") and text(size_node, "height"):
         w, h = number(size_node, "width", "<size>"), number(size_node, "height", "<size>")
-        if not (0 < w < 2 ** 31 and 0 < h < 2 ** 31 and w.is_integer() and h.is_integer()):
-            raise DataError(f"invalid image size {w}x{h}", path, "<size>")
-        size = (int(w), int(h))
-        if size == (0, 0):
-            size = None
+        if w != 0 and h != 0:  # some tools write 0 x 0: then the image header is read instead
+            if not (0 < w < 2 ** 31 and 0 < h < 2 ** 31 and w.is_integer() and h.is_integer()):
+                raise DataError(f"invalid image size {w}x{h}", path, "<size>")
+            size = (int(w), int(h))
     objects = []
     for k, obj in enumerate(root.findall("object")):
         where = f"object {k}"
