@@ -131,9 +131,10 @@ def config_from_args(args: argparse.Namespace):
 
     if args.data is None and args.train_json is None:
         raise CLIError("no dataset: pass --data DATA_DIR or --train-json FILE (see focus-detr train --help)")
-    for images, json_flag in ((args.train_images, "--train-json"), (args.val_images, "--val-json")):
-        if images is not None and getattr(args, json_flag[2:].replace("-", "_")) is None:
-            raise CLIError(f"--{json_flag[2:-5]}-images needs {json_flag}")
+    if args.train_images is not None and args.train_json is None:
+        raise CLIError("--train-images needs --train-json")
+    if args.val_images is not None and args.val_json is None:
+        raise CLIError("--val-images needs --val-json")
     schedule = None if args.schedule == "none" else args.schedule
     if schedule is None and args.max_iters is None:
         raise CLIError("--schedule none needs --max-iters")

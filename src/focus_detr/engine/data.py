@@ -148,7 +148,7 @@ def split_paths(data_dir: str | Path, split: str) -> tuple[Path, Path]:
 
 
 def _as_split(data: str | Path | DatasetSplit, split: str) -> DatasetSplit:
-    if isinstance(data, (CocoJsonSplit, YoloSplit, VocSplit)):
+    if isinstance(data, (CocoJsonSplit, YoloSplit, VocSplit)):  # already found (find_split / require_split)
         return data
     return require_split(data, split)
 
