@@ -229,8 +229,8 @@ def require_split(data_dir: str | Path | None, split: str, annotation_file: str 
     """:func:`find_split` that raises a :class:`DataError` naming what is missing instead of returning None."""
     found = find_split(data_dir, split, annotation_file, image_dir)
     if found is None:
-        raise DataError(f"the dataset has no split {split!r} (looked for {'/'.join(split_names(split))})\n"
-                        f"{ACCEPTED_LAYOUTS}", data_dir)
+        raise DataError(f"the dataset has no split {split!r} (looked for {' / '.join(split_names(split))} in its "
+                        "layout; see docs/training.md#dataset-layouts)", data_dir)
     return found
 
 
@@ -246,7 +246,7 @@ def _find_yolo_split(data_yaml: Path, split: str) -> YoloSplit | None:
         entry = config.get(name)
         if entry is None:
             continue
-        if not isinstance(entry, str):
+        if not isinstance(entry, str) or entry.endswith(".txt"):
             raise DataError(f"{name!r} must be one image folder (lists and .txt file lists are not supported; "
                             "point --train-json/--train-images at a COCO export instead)", data_yaml)
         image_dir = _first_existing_dir(root, entry)
