@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -49,7 +49,10 @@ def image_bytes(draw):
     else:
         img = base.convert(mode)
     buf = io.BytesIO()
-    img.save(buf, format=fmt)
+    try:
+        img.save(buf, format=fmt)
+    except OSError:  # a mode this Pillow cannot write in this format (Pillow 13: mode I as PNG)
+        assume(False)
     data = buf.getvalue()
     if kind == "truncated":
         cut = draw(st.integers(1, max(1, len(data) // 2)))
