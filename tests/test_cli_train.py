@@ -95,7 +95,7 @@ def test_clear_errors_without_tracebacks(workspace, tmp_path):
     proc = run_cli("train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"), "--max-iters", "1",
                    check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "annotation file not found" in proc.stderr
+    assert "dataset folder not found" in proc.stderr
 
     data = workspace / "data"
     if data.exists():  # written by the end-to-end test

@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -49,7 +49,10 @@ def image_bytes(draw):
     else:
         img = base.convert(mode)
     buf = io.BytesIO()
-    img.save(buf, format=fmt)
+    try:
+        img.save(buf, format=fmt)
+    except OSError:  # a mode this Pillow cannot write in this format (Pillow 13: mode I as PNG)
+        assume(False)
     data = buf.getvalue()
     if kind == "truncated":
         cut = draw(st.integers(1, max(1, len(data) // 2)))
@@ -165,3 +168,145 @@ def test_coco_reader_on_hostile_annotations(tmp_path, data):
             candidates = [_clip(a["bbox"], w, h) for a in sources if a.get("category_id") == category]
             assert any(all(math.isclose(u, v, abs_tol=1e-3) for u, v in zip(box, c)) for c in candidates), \
                 f"box {box} label {label} has no source annotation"
+
+
+# ---- numbers, nesting and paths an annotation file must not get away with --------------------------
+
+
+def _one_image_dataset(folder, **changes):
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(folder / "a.png")
+    data = {"images": [{"id": 1, "file_name": "a.png", "height": 40, "width": 50}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 12], "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "thing"}]}
+    for key, value in changes.items():
+        section, field = key.split("__")
+        data[section][0][field] = value
+    return data
+
+
+HUGE = 10 ** 400  # json.dumps writes it as 401 digits; float() of it raises OverflowError
+
+
+@pytest.mark.parametrize("changes,expected", [
+    ({"annotations__bbox": [2, 3, HUGE, 12]}, "annotation id 1 .*'bbox' holds a number outside the floating-point range"),
+    ({"annotations__bbox": [2, 3, HUGE, 12], "annotations__iscrowd": 1}, "annotation id 1 .*floating-point range"),
+    ({"annotations__area": HUGE}, "annotation id 1 .*'area' holds a number outside"),
+    ({"annotations__id": HUGE}, "annotations\\[0\\]: 'id' is outside the 64-bit integer range"),
+    ({"images__width": HUGE}, "image id 1 .*'width' is outside the 64-bit integer range"),
+    ({"images__file_name": "../outside/secret.png"}, "image id 1 .*points outside the image folder"),
+    ({"images__file_name": "sub/../../secret.png"}, "points outside the image folder"),
+    ({"images__file_name": "/etc/hostname"}, "points outside the image folder"),
+    ({"images__file_name": "C:\\secret.png"}, "points outside the image folder"),
+    ({"images__file_name": "a\x00.png"}, "NUL character"),
+])
+def test_out_of_range_numbers_and_escaping_paths_are_data_errors(tmp_path, changes, expected):
+    folder = tmp_path / "ds"
+    ann_file = tmp_path / "instances.json"
+    ann_file.write_text(json.dumps(_one_image_dataset(folder, **changes)))
+    with pytest.raises(DataError, match=expected) as e:
+        CocoDetection(folder, ann_file, filter_empty=False)
+    assert str(ann_file) in str(e.value) and "\n" not in str(e.value)
+
+
+@given(st.lists(st.sampled_from(["..", ".", "a", "b", "/", "\\", "c:", "~"]), max_size=8))
+@settings(max_examples=200, deadline=None)
+def test_accepted_file_names_never_leave_the_folder(parts):
+    import posixpath
+
+    from focus_detr.data.coco import _stays_inside
+
+    name = "".join(parts)
+    if not name or not _stays_inside(name):
+        return
+    base = "/data/images"
+    resolved = posixpath.normpath(posixpath.join(base, name.replace("\\", "/")))
+    assert resolved == base or resolved.startswith(base + "/"), name
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('{"images": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    ('{"images": [], "x": ' + "9" * 5000 + "}", "not a usable annotation file"),
+])
+def test_absurd_json_is_a_data_error(tmp_path, text, expected):
+    ann_file = tmp_path / "instances.json"
+    ann_file.write_text(text)
+    with pytest.raises(DataError, match=expected) as e:
+        CocoDetection(tmp_path, ann_file)
+    assert str(ann_file) in str(e.value)
+
+
+def test_outside_images_with_the_flag_and_symlinks_inside(tmp_path):
+    outside = tmp_path / "outside"
+    _one_image_dataset(outside)
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    ann_file = tmp_path / "instances.json"
+    ann_file.write_text(json.dumps(_one_image_dataset(tmp_path / "unused", images__file_name="../outside/a.png")))
+    ds = CocoDetection(folder, ann_file, allow_outside_images=True)
+    assert tuple(ds[0][0].shape) == (3, 40, 50)
+    absolute = _one_image_dataset(tmp_path / "unused", images__file_name=str(outside / "a.png"))
+    ann_file.write_text(json.dumps(absolute))
+    assert len(CocoDetection(folder, ann_file, allow_outside_images=True)) == 1
+    # A link inside the image folder is the folder owner's choice: followed without the flag.
+    (folder / "linked").symlink_to(outside, target_is_directory=True)
+    ann_file.write_text(json.dumps(_one_image_dataset(tmp_path / "unused", images__file_name="linked/a.png")))
+    assert tuple(CocoDetection(folder, ann_file)[0][0].shape) == (3, 40, 50)
+
+
+# ---- the same through the console script: one line on stderr, exit 2, no traceback -------------------
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "model.pth"
+    torch.manual_seed(0)
+    focus_detr.api.save(focus_detr.build_model("tiny", num_classes=1, class_names=("thing",), test_short_side=64),
+                        path)
+    return path
+
+
+def _cli(*args):
+    import os
+    import subprocess
+
+    from cli_utils import cli_command
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cli_command() + list(args), capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize("case", ["huge_number", "deep_nesting", "outside_path"])
+def test_hostile_annotation_files_through_eval(tmp_path, weights_file, case):
+    folder, ann_file = tmp_path / "ds", tmp_path / "val.json"
+    if case == "huge_number":
+        ann_file.write_text(json.dumps(_one_image_dataset(folder, annotations__bbox=[2, 3, HUGE, 12])))
+        expected = "annotation id 1"
+    elif case == "deep_nesting":
+        _one_image_dataset(folder)
+        ann_file.write_text('{"images": ' + "[" * 100_000 + "]" * 100_000 + "}")
+        expected = "nested too deeply"
+    else:
+        _one_image_dataset(tmp_path / "outside")
+        ann_file.write_text(json.dumps(_one_image_dataset(folder, images__file_name="../outside/a.png")))
+        expected = "--allow-outside-images"
+    proc = _cli("eval", str(weights_file), "--json", str(ann_file), "--images", str(folder), "--out",
+                str(tmp_path / "ev"), "--no-progress")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.startswith("error: ") and str(ann_file) in proc.stderr and expected in proc.stderr
+    assert not (tmp_path / "ev").exists()
+    if case == "outside_path":
+        proc = _cli("eval", str(weights_file), "--json", str(ann_file), "--images", str(folder), "--out",
+                    str(tmp_path / "ev"), "--no-progress", "--allow-outside-images")
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / "ev" / "metrics.json").is_file()
+
+
+def test_hostile_annotation_file_through_train(tmp_path):
+    folder, ann_file = tmp_path / "ds", tmp_path / "train.json"
+    ann_file.write_text(json.dumps(_one_image_dataset(folder, annotations__bbox=[2, 3, 12, HUGE])))
+    proc = _cli("train", "--train-json", str(ann_file), "--train-images", str(folder), "--out", str(tmp_path / "run"),
+                "--max-iters", "1", "--no-progress", "--no-tensorboard")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
+    assert "floating-point range" in proc.stderr and str(ann_file) in proc.stderr

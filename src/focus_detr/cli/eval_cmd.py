@@ -12,12 +12,18 @@ WEIGHTS is one of
   * a training checkpoint (RUN_DIR/checkpoints/checkpoint_*.pth; --ema takes its EMA weights);
   * an official detrex Focus-DETR checkpoint, with --preset naming its config (COCO classes).
 
+DATA_DIR is any layout `train` accepts (COCO, Roboflow COCO, YOLO, Pascal VOC); or --json FILE --images DIR.
+The model's classes are paired with the dataset's categories before anything runs: by name (names stored
+with the weights), else by count; anything else is refused with a hint to --class-map, a JSON object
+{dataset category id or name: model class index or name, or null to leave a category out}.
+
 Writes OUT/predictions.json (COCO results format, the annotation file's category ids), OUT/metrics.json
 (AP, AP50, AP75, APs, APm, APl, ARs and per-class AP, fractions) and OUT/coco_summary.txt.
 
 examples:
   focus-detr eval runs/shapes/model_final.pth --data data/shapes
   focus-detr eval focus_detr_r50_36ep.pth --preset r50_4scale --data /data/coco --split val2017
+  focus-detr eval model_final.pth --json my/val.json --images my/img --class-map '{"car": "truck", "7": null}'
   torchrun --nproc_per_node 8 -m focus_detr.cli.main eval model_final.pth --data /data/coco --split val2017"""
 
 
@@ -25,8 +31,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="COCO evaluation of a weights file or checkpoint on a dataset split",
                        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("weights", metavar="WEIGHTS", help="weights file, training checkpoint or official checkpoint")
-    p.add_argument("--data", required=True, metavar="DATA_DIR",
-                   help="dataset folder: annotations/instances_SPLIT.json + images/SPLIT/")
+    p.add_argument("--data", metavar="DATA_DIR",
+                   help="dataset folder (COCO, Roboflow COCO, YOLO or Pascal VOC layout); or --json/--images")
+    p.add_argument("--json", metavar="FILE", help="COCO annotation json to evaluate on (instead of --data)")
+    p.add_argument("--images", metavar="DIR", help="folder --json's file_name entries are relative to "
+                   "(default: the json's folder)")
+    p.add_argument("--class-map", metavar="JSON|FILE",
+                   help="which model class each dataset category is: '{\"dog\": \"hound\", \"3\": 0, \"7\": null}' "
+                        "(dataset category id or name -> model class index or name; null leaves it out) or a .json file")
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="accept file_name entries leaving the image folder (absolute paths, '..'); refused by default")
     p.add_argument("--split", default="val", help="split to evaluate (default val)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: eval_SPLIT next to WEIGHTS)")
     p.add_argument("--preset", help="preset of an official checkpoint (ignored for our own files)")
@@ -82,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..api import CheckpointFormatError
     from ..data import DataError
-    from ..engine.data import build_eval_dataset, split_paths
+    from ..data.class_map import parse_class_map
+    from ..data.layouts import require_split
+    from ..engine.data import build_eval_dataset
     from ..engine.distributed import (DistributedError, cleanup_distributed, env_dist_info, init_distributed,
                                       resolve_device)
     from ..engine.evaluate import evaluate, format_metrics
@@ -90,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size <= 0:
         raise CLIError("--batch-size must be positive")
+    if args.data is None and args.json is None:
+        raise CLIError("no dataset: pass --data DATA_DIR or --json FILE (see focus-detr eval --help)")
+    if args.images is not None and args.json is None:
+        raise CLIError("--images needs --json")
     info = env_dist_info(args.dist_timeout)
     device = resolve_device(args.device, info)
     overrides = {}
@@ -98,18 +118,20 @@ def run(args: argparse.Namespace) -> int:
     if args.max_size:
         overrides["test_max_size"] = args.max_size
     try:
+        class_map = parse_class_map(args.class_map) if args.class_map is not None else None
         model = load_any_model(args.weights, args.preset, args.ema, **overrides).to(device)
-        image_dir, ann = split_paths(args.data, args.split)
-        if not ann.exists():
-            raise CLIError(f"no annotation file {ann} (expected DATA_DIR/annotations/instances_{args.split}.json)")
-        dataset = build_eval_dataset(args.data, args.split, model.cfg.test_short_side, model.cfg.test_max_size,
-                                     model.cfg.class_names)
+        source = require_split(args.data, args.split, args.json, args.images)
+        dataset = build_eval_dataset(source, args.split, model.cfg.test_short_side, model.cfg.test_max_size,
+                                     model.cfg.class_names, model.cfg.num_classes, class_map,
+                                     args.allow_outside_images)
         out = Path(args.out) if args.out else Path(args.weights).resolve().parent / f"eval_{args.split}"
         init_distributed(info, device)
         try:
             metrics = evaluate(model, dataset, device, out, info, args.batch_size, args.workers, args.max_images,
                                progress=not args.no_progress,
-                               extra={"weights": str(args.weights), "split": args.split, "data": str(args.data)})
+                               extra={"weights": str(args.weights), "split": args.split,
+                                      "data": str(args.data if args.json is None else args.json),
+                                      "class_map": class_map})
         finally:
             cleanup_distributed()
     except (CheckpointFormatError, DataError, DistributedError) as e:

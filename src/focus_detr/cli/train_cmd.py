@@ -7,7 +7,8 @@ import ast
 from typing import Any
 
 EPILOG = """\
-DATA_DIR layout (COCO; `focus-detr make-data shapes` writes it):
+DATA_DIR is recognised as COCO (`focus-detr make-data shapes` writes it), a Roboflow COCO export, YOLO
+(data.yaml) or Pascal VOC; any other COCO json: --train-json FILE --train-images DIR (see docs/training.md):
   DATA_DIR/annotations/instances_train.json   DATA_DIR/images/train/...
   DATA_DIR/annotations/instances_val.json     DATA_DIR/images/val/...   (optional: periodic evaluation)
 
@@ -17,6 +18,7 @@ examples:
       --backbone-weights resnet50-0676ba61.pth --batch-size 2 --amp
   torchrun --nproc_per_node 8 -m focus_detr.cli.main train --preset r50_4scale_12ep --data /data/coco --out runs/r50
   focus-detr train ... --resume auto        # continue the newest complete checkpoint in --out
+  focus-detr train --train-json my/train.json --train-images my/img --val-json my/val.json --val-images my/img --out runs/my
   focus-detr train --preset r50_4scale --init-weights focus_detr_r50_4scale_36ep.pth --data my_coco ...  # fine-tune
 
 See docs/training.md for schedules, multi-node runs and what is logged."""
@@ -47,7 +49,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--preset", default="tiny", help="model preset (see `focus-detr info`); default tiny")
-    g.add_argument("--data", required=True, metavar="DATA_DIR", help="dataset folder in the COCO layout (above)")
+    g.add_argument("--data", metavar="DATA_DIR",
+                   help="dataset folder: COCO, Roboflow COCO, YOLO or Pascal VOC layout (above); or use --train-json")
     g.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder: checkpoints, logs, final weights")
     g.add_argument("--train-split", default="train", help="training split name (default train)")
     g.add_argument("--val-split", default="val", help="evaluation split name (default val); 'none' disables it")
@@ -62,6 +65,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--init-weights", metavar="PATH",
                    help="fine-tune from a weights file, training checkpoint or official checkpoint of --preset; "
                         "tensors of another shape (class heads of another label set) start fresh")
+
+    g = p.add_argument_group("dataset files (instead of or on top of --data)")
+    g.add_argument("--train-json", metavar="FILE", help="COCO annotation json of the training split (any layout)")
+    g.add_argument("--train-images", metavar="DIR", help="folder --train-json's file_name entries are relative to "
+                   "(default: the json's folder)")
+    g.add_argument("--val-json", metavar="FILE", help="COCO annotation json of the evaluation split")
+    g.add_argument("--val-images", metavar="DIR", help="image folder of --val-json (default: the json's folder)")
+    g.add_argument("--allow-outside-images", action="store_true",
+                   help="accept file_name entries leaving the image folder (absolute paths, '..'); refused by default")
 
     g = p.add_argument_group("schedule and optimiser (official defaults)")
     g.add_argument("--schedule", default="12ep", choices=["12ep", "24ep", "36ep", "none"],
@@ -117,6 +129,12 @@ def config_from_args(args: argparse.Namespace):
     from ..engine import TrainConfig
     from .main import CLIError
 
+    if args.data is None and args.train_json is None:
+        raise CLIError("no dataset: pass --data DATA_DIR or --train-json FILE (see focus-detr train --help)")
+    if args.train_images is not None and args.train_json is None:
+        raise CLIError("--train-images needs --train-json")
+    if args.val_images is not None and args.val_json is None:
+        raise CLIError("--val-images needs --val-json")
     schedule = None if args.schedule == "none" else args.schedule
     if schedule is None and args.max_iters is None:
         raise CLIError("--schedule none needs --max-iters")
@@ -127,6 +145,8 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(
         data_dir=args.data, out_dir=args.out, preset=args.preset, model_overrides=dict(args.overrides),
         train_split=args.train_split, val_split=None if args.val_split.lower() == "none" else args.val_split,
+        train_json=args.train_json, train_images=args.train_images, val_json=args.val_json,
+        val_images=args.val_images, allow_outside_images=args.allow_outside_images,
         schedule=schedule, max_iters=args.max_iters, lr_steps=args.lr_steps, warmup_iters=args.warmup_iters,
         batch_size=args.batch_size, num_workers=args.workers, lr=args.lr, backbone_lr=args.backbone_lr,
         weight_decay=args.weight_decay, clip_max_norm=args.clip_max_norm, train_scales=args.train_scales,

@@ -11,8 +11,9 @@ import contextlib
 import io
 import json
 import math
+import posixpath
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,17 @@ class CocoDetection(torch.utils.data.Dataset):
         class_names: fix the label space by name: label ``i`` is the category named ``class_names[i]``.
             Every category in the file must appear in it (a val file may hold a subset). ``None``: labels
             ``0..K-1`` follow the categories sorted by id, named by the file.
+        category_to_label: fix the label space by category id instead (e.g. from
+            :func:`~focus_detr.data.class_map.map_categories`): ``{category_id: label}``; annotations of
+            categories left out are not used (counted in ``stats["unmapped_ignored"]``). Needs ``class_names``
+            (the names of the labels).
+        allow_outside_images: accept ``file_name`` entries that leave ``image_dir`` (absolute paths, ``..``).
+            By default they are refused with a DataError: an annotation file must not make the reader open
+            files elsewhere. The check is on the written name, so a symbolic link *inside* ``image_dir``
+            (to a folder or file stored elsewhere) is followed as usual.
+        read_annotations: returns the parsed annotation content (a COCO dict); default: read
+            ``annotation_file`` as JSON. Used for the layouts converted in memory
+            (:mod:`focus_detr.data.layouts`); ``annotation_file`` then only names the source in messages.
 
     Label mapping: ``category_id_to_label`` / ``label_to_category_id`` (dicts of ints), ``class_names``
     (tuple of str, indexed by label), ``num_classes``.
@@ -98,6 +110,9 @@ class CocoDetection(torch.utils.data.Dataset):
         filter_empty: bool = True,
         skip_bad: bool = False,
         class_names: Sequence[str] | None = None,
+        category_to_label: Mapping[int, int] | None = None,
+        allow_outside_images: bool = False,
+        read_annotations: Callable[[], Any] | None = None,
     ) -> None:
         self.image_dir = Path(image_dir)
         self.annotation_file = Path(annotation_file)
@@ -108,34 +123,39 @@ class CocoDetection(torch.utils.data.Dataset):
         self.stats: dict[str, int] = {}
         self._coco: COCO | None = None
         self._bad_indices: set[int] = set()
+        self.allow_outside_images = allow_outside_images
+        self._read_annotations = read_annotations
 
-        data = _read_json(self.annotation_file)
-        images, annotations, categories = _validate_top_level(data, self.annotation_file)
-        self._set_categories(categories, class_names)
+        data = self._read()
+        images, annotations, categories = validate_top_level(data, self.annotation_file)
+        self._set_categories(categories, class_names, category_to_label)
         self._records = self._build_records(images, annotations)
 
     # ----------------------------------------------------------------------------------------------
     # Loading and validation
 
-    def _set_categories(self, categories: list[dict[str, Any]], class_names: Sequence[str] | None) -> None:
-        path = self.annotation_file
-        cats: dict[int, str] = {}
-        for k, cat in enumerate(categories):
-            where = f"categories[{k}]"
-            if not isinstance(cat, dict):
-                raise DataError(f"must be an object, got {type(cat).__name__}", path, where)
-            cid = _get_int(cat, "id", path, where)
-            where = f"category id {cid} ({where})"
-            name = cat.get("name")
-            if not isinstance(name, str):
-                raise DataError("missing or non-string 'name'", path, where)
-            if cid in cats:
-                raise DataError("duplicate category id", path, where)
-            cats[cid] = name
-        if not cats:
-            raise DataError("'categories' is empty: there is no class to detect", path)
+    def _read(self) -> Any:
+        if self._read_annotations is not None:
+            return self._read_annotations()
+        return read_json(self.annotation_file)
 
-        if class_names is None:
+    def _set_categories(self, categories: list[dict[str, Any]], class_names: Sequence[str] | None,
+                        category_to_label: Mapping[int, int] | None = None) -> None:
+        path = self.annotation_file
+        cats = validate_categories(categories, path)
+        if category_to_label is not None:
+            if class_names is None:
+                raise ValueError("category_to_label needs class_names (the names of the labels)")
+            self.class_names = tuple(str(n) for n in class_names)
+            for cid, label in category_to_label.items():
+                if cid not in cats:
+                    raise DataError(f"category id {cid} is mapped but not in 'categories'", path)
+                if not 0 <= int(label) < len(self.class_names):
+                    raise DataError(f"category id {cid} is mapped to label {label}, outside 0..{len(self.class_names) - 1}",
+                                    path)
+            self.category_id_to_label = {int(c): int(v) for c, v in category_to_label.items()}
+            self._all_category_ids = set(cats)
+        elif class_names is None:
             sorted_ids = sorted(cats)
             self.class_names: tuple[str, ...] = tuple(cats[c] for c in sorted_ids)
             self.category_id_to_label: dict[int, int] = {c: i for i, c in enumerate(sorted_ids)}
@@ -158,6 +178,7 @@ class CocoDetection(torch.utils.data.Dataset):
                 by_name[name] = cid
                 self.category_id_to_label[cid] = index[name]
             self.class_names = names
+        self._all_category_ids = set(cats)
         self.label_to_category_id: dict[int, int] = {v: k for k, v in self.category_id_to_label.items()}
 
     def _build_records(self, images: list[Any], annotations: list[Any]) -> list[_ImageRecord]:
@@ -175,6 +196,12 @@ class CocoDetection(torch.utils.data.Dataset):
             file_name = img.get("file_name")
             if not isinstance(file_name, str) or not file_name:
                 raise DataError("missing or empty 'file_name'", path, where)
+            if "\0" in file_name:
+                raise DataError("'file_name' contains a NUL character", path, where)
+            if not self.allow_outside_images and not _stays_inside(file_name):
+                raise DataError(f"'file_name' {file_name!r} points outside the image folder {self.image_dir} "
+                                "(pass --allow-outside-images, or allow_outside_images=True, if that is intended)",
+                                path, where)
             height = _get_int(img, "height", path, where, allow_integral_float=True)
             width = _get_int(img, "width", path, where, allow_integral_float=True)
             if height <= 0 or width <= 0:
@@ -187,6 +214,7 @@ class CocoDetection(torch.utils.data.Dataset):
         seen_ann: set[int] = set()
         examples: dict[str, list[int]] = {k: [] for k in _FIXUP_KEYS}
         crowd = 0
+        unmapped = 0
         for k, ann in enumerate(annotations):
             where = f"annotations[{k}]"
             if not isinstance(ann, dict):
@@ -200,20 +228,27 @@ class CocoDetection(torch.utils.data.Dataset):
             cid = _get_int(ann, "category_id", path, where)
             bbox = ann.get("bbox")
             if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-                raise DataError(f"'bbox' must be a list of 4 numbers [x, y, w, h], got {bbox!r}", path, where)
+                raise DataError(f"'bbox' must be a list of 4 numbers [x, y, w, h], got {_short(bbox)}", path, where)
+            x, y, w, h = (_to_float(v, "bbox", path, where) for v in bbox)
+            if "area" in ann:
+                if not _is_number(ann["area"]):
+                    raise DataError(f"'area' must be a number, got {_short(ann['area'])}", path, where)
+                _to_float(ann["area"], "area", path, where)
             iscrowd = ann.get("iscrowd", 0)
             if iscrowd not in (0, 1) or not isinstance(iscrowd, (int, bool)):
                 raise DataError(f"'iscrowd' must be 0 or 1, got {iscrowd!r}", path, where)
             if iid not in image_meta:
                 raise DataError(f"refers to image id {iid}, which is not in 'images'", path, where)
-            if cid not in self.category_id_to_label:
-                raise DataError(f"unknown category id {cid} (known: {sorted(self.category_id_to_label)})",
+            if cid not in self._all_category_ids:
+                raise DataError(f"unknown category id {cid} (known: {sorted(self._all_category_ids)})",
                                 path, where)
+            if cid not in self.category_id_to_label:
+                unmapped += 1
+                continue
             if iscrowd:
                 crowd += 1
                 continue
             _, height, width = image_meta[iid]
-            x, y, w, h = (float(v) for v in bbox)
             if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
                 self.fixups["degenerate_boxes_dropped"] += 1
                 examples["degenerate_boxes_dropped"].append(aid)
@@ -259,6 +294,7 @@ class CocoDetection(torch.utils.data.Dataset):
             "images_in_file": len(order),
             "annotations_in_file": len(annotations),
             "crowd_ignored": crowd,
+            "unmapped_ignored": unmapped,
             "images_without_boxes": no_boxes,
             "images": len(records),
             "boxes": int(sum(len(r.labels) for r in records)),
@@ -350,11 +386,11 @@ class CocoDetection(torch.utils.data.Dataset):
     def coco(self) -> COCO:
         """pycocotools index of the original annotation file (see the class docstring)."""
         if self._coco is None:
-            data = _read_json(self.annotation_file)
+            data = self._read()
             for ann in data.get("annotations", []):
-                if "area" not in ann:
-                    x, y, w, h = ann["bbox"]
-                    ann["area"] = float(w) * float(h)
+                # validated in __init__: every value converts to a float (a 400-digit integer would not)
+                ann["bbox"] = [float(v) for v in ann["bbox"]]
+                ann["area"] = float(ann["area"]) if "area" in ann else ann["bbox"][2] * ann["bbox"][3]
                 ann.setdefault("iscrowd", 0)
             data.setdefault("annotations", [])
             coco = COCO()
@@ -375,7 +411,9 @@ class CocoDetection(torch.utils.data.Dataset):
 # Helpers
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """The parsed content of an annotation file; any failure is a :class:`DataError` naming it."""
+    path = Path(path)
     if not path.exists():
         raise DataError("annotation file not found", path)
     try:
@@ -388,10 +426,62 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"not valid JSON ({e})", path) from e
+        raise DataError(f"not valid JSON ({e})", path) from None
+    except RecursionError:
+        raise DataError("not a usable annotation file: arrays/objects nested too deeply", path) from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits (Python's int parsing limit)
+        raise DataError(f"not a usable annotation file ({str(e).splitlines()[0][:200]})", path) from None
 
 
-def _validate_top_level(data: Any, path: Path) -> tuple[list[Any], list[Any], list[Any]]:
+_read_json = read_json  # the old private name
+
+
+def _stays_inside(file_name: str) -> bool:
+    """Whether ``file_name``, taken relative to the image folder, stays in it (by its written form: no
+    absolute path, drive letter, or ``..`` leading out)."""
+    name = file_name.replace("\\", "/")
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return False
+    normal = posixpath.normpath(name)
+    return normal != ".." and not normal.startswith("../")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    if isinstance(value, int) and abs(value) >= 10 ** 30:
+        return f"<integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _to_float(value: Any, key: str, path: Path, where: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise DataError(f"{key!r} holds a number outside the floating-point range ({_short(value)})",
+                        path, where) from None
+
+
+def validate_categories(categories: list[Any], path: Path) -> dict[int, str]:
+    """``{category id: name}`` of a ``categories`` list, checked (DataError naming the record)."""
+    cats: dict[int, str] = {}
+    for k, cat in enumerate(categories):
+        where = f"categories[{k}]"
+        if not isinstance(cat, dict):
+            raise DataError(f"must be an object, got {type(cat).__name__}", path, where)
+        cid = _get_int(cat, "id", path, where)
+        where = f"category id {cid} ({where})"
+        name = cat.get("name")
+        if not isinstance(name, str):
+            raise DataError("missing or non-string 'name'", path, where)
+        if cid in cats:
+            raise DataError("duplicate category id", path, where)
+        cats[cid] = name
+    if not cats:
+        raise DataError("'categories' is empty: there is no class to detect", path)
+    return cats
+
+
+def validate_top_level(data: Any, path: Path) -> tuple[list[Any], list[Any], list[Any]]:
     if not isinstance(data, dict):
         raise DataError(f"expected a JSON object with 'images', 'annotations', 'categories', "
                         f"got {type(data).__name__}", path)
@@ -416,8 +506,12 @@ def _get_int(d: dict[str, Any], key: str, path: Path, where: str, allow_integral
         raise DataError(f"missing key {key!r}", path, where)
     v = d[key]
     if isinstance(v, int) and not isinstance(v, bool):
+        if not -(2 ** 63) <= v < 2 ** 63:
+            raise DataError(f"{key!r} is outside the 64-bit integer range ({_short(v)})", path, where)
         return v
     if allow_integral_float and isinstance(v, float) and v.is_integer():
+        if not -(2.0 ** 63) <= v < 2.0 ** 63:
+            raise DataError(f"{key!r} is outside the 64-bit integer range ({v!r})", path, where)
         return int(v)
-    raise DataError(f"{key!r} must be an integer, got {v!r}", path, where)
+    raise DataError(f"{key!r} must be an integer, got {_short(v)}", path, where)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data import CocoDetection, build_test_transforms, build_train_transforms, make_collate
+from ..data.class_map import categories_with_boxes, map_categories
+from ..data.coco import validate_categories, validate_top_level
+from ..data.layouts import CocoJsonSplit, DatasetSplit, VocSplit, YoloSplit, require_split
 from ..data.transforms import DEFAULT_TRAIN_SCALES
 
 SampleKey = tuple[int, int, int]  # (rank, stream position, dataset index)
@@ -139,19 +142,29 @@ def default_train_scales(short_side: int, max_size: int) -> tuple[tuple[int, ...
 
 def split_paths(data_dir: str | Path, split: str) -> tuple[Path, Path]:
     """``(image_dir, annotation_file)`` of a split in the COCO layout
-    ``annotations/instances_{split}.json`` + ``images/{split}/``."""
+    ``annotations/instances_{split}.json`` + ``images/{split}/`` (other layouts: :func:`find_split`)."""
     root = Path(data_dir)
     return root / "images" / split, root / "annotations" / f"instances_{split}.json"
 
 
-def build_train_dataset(data_dir: str | Path, split: str, scales: Sequence[int], max_size: int,
-                        flip: bool = True, crop: bool = False, skip_bad: bool = False) -> CocoDetection:
-    """The training split. ``skip_bad``: a missing or unreadable image is skipped with a counted warning
-    instead of stopping the run with a :class:`~focus_detr.data.errors.DataError` naming it."""
-    image_dir, ann = split_paths(data_dir, split)
+def _as_split(data: str | Path | DatasetSplit, split: str) -> DatasetSplit:
+    if isinstance(data, (CocoJsonSplit, YoloSplit, VocSplit)):  # already found (find_split / require_split)
+        return data
+    return require_split(data, split)
+
+
+def build_train_dataset(data: str | Path | DatasetSplit, split: str, scales: Sequence[int], max_size: int,
+                        flip: bool = True, crop: bool = False, skip_bad: bool = False,
+                        allow_outside_images: bool = False) -> CocoDetection:
+    """The training split: ``data`` is a dataset folder in any layout of :mod:`focus_detr.data.layouts`
+    (``split`` names the split) or a split found by :func:`find_split`. ``skip_bad``: a missing or
+    unreadable image is skipped with a counted warning instead of stopping the run with a
+    :class:`~focus_detr.data.errors.DataError` naming it."""
+    source = _as_split(data, split)
     transforms = build_train_transforms(scales=tuple(scales), max_size=max_size, crop=crop,
                                         flip_p=0.5 if flip else 0.0, **(_crop_kwargs(scales) if crop else {}))
-    return CocoDetection(image_dir, ann, transforms, filter_empty=True, skip_bad=skip_bad)
+    return CocoDetection(source.image_dir, source.source, transforms, filter_empty=True, skip_bad=skip_bad,
+                         allow_outside_images=allow_outside_images, read_annotations=source.read)
 
 
 def _crop_kwargs(scales: Sequence[int]) -> dict[str, Any]:
@@ -163,12 +176,48 @@ def _crop_kwargs(scales: Sequence[int]) -> dict[str, Any]:
     return {"crop_resize_sizes": tuple(r(v) for v in (400, 500, 600)), "crop_size_range": (r(384), r(600))}
 
 
-def build_eval_dataset(data_dir: str | Path, split: str, short_side: int, max_size: int,
-                       class_names: Sequence[str] | None) -> CocoDetection:
-    """Every image of the split (none filtered), test-time resize, labels in the model's label space."""
-    image_dir, ann = split_paths(data_dir, split)
-    return CocoDetection(image_dir, ann, build_test_transforms(short_side, max_size), filter_empty=False,
-                         class_names=class_names)
+def build_eval_dataset(data: str | Path | DatasetSplit, split: str, short_side: int, max_size: int,
+                       class_names: Sequence[str] | None, num_classes: int | None = None,
+                       class_map: Mapping[str, Any] | None = None,
+                       allow_outside_images: bool = False) -> CocoDetection:
+    """Every image of the split (none filtered), test-time resize, labels in the model's label space.
+
+    With ``class_names`` and/or ``num_classes`` (the model's), the dataset's categories are first paired
+    with the model's classes by :func:`~focus_detr.data.class_map.map_categories` (by name, by count, or
+    by ``class_map``); a mismatch is a :class:`~focus_detr.data.class_map.ClassMismatchError`. Only the
+    paired categories are evaluated. Without either, labels follow the file's categories.
+    """
+    source = _as_split(data, split)
+    transforms = build_test_transforms(short_side, max_size)
+    if class_names is None and num_classes is None:
+        return CocoDetection(source.image_dir, source.source, transforms, filter_empty=False,
+                             allow_outside_images=allow_outside_images, read_annotations=source.read)
+    content = source.read()
+    _, _, categories = validate_top_level(content, source.source)
+    validate_categories(categories, source.source)
+    num_classes = num_classes if num_classes is not None else len(class_names)  # type: ignore[arg-type]
+    mapping = map_categories(categories, categories_with_boxes(content), class_names, num_classes, class_map,
+                             source.source)
+    names = tuple(class_names) if class_names is not None else tuple(str(k) for k in range(num_classes))
+    return CocoDetection(source.image_dir, source.source, transforms, filter_empty=False, class_names=names,
+                         category_to_label=mapping, allow_outside_images=allow_outside_images,
+                         read_annotations=_ReadOnceThenAgain(content, source.read))
+
+
+class _ReadOnceThenAgain:
+    """Returns ``content`` on the first call (already read to check the classes), ``read()`` afterwards;
+    does not keep the content alive or ship it to DataLoader workers."""
+
+    def __init__(self, content: Any, read: Callable[[], Any]) -> None:
+        self._content = content
+        self._read = read
+
+    def __call__(self) -> Any:
+        content, self._content = self._content, None
+        return content if content is not None else self._read()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_content": None, "_read": self._read}
 
 
 def build_train_loader(dataset: CocoDetection, batch_size: int, num_workers: int, seed: int, rank: int,

@@ -37,10 +37,11 @@ from tqdm import tqdm
 
 from .. import api
 from ..config import config_to_dict, make_config
+from ..data.layouts import find_split, require_split
 from ..losses import HungarianMatcher, SetCriterion
 from ..model import FocusDETR, build_model
 from . import checkpoint as ckpt
-from .data import build_eval_dataset, build_train_dataset, build_train_loader, default_train_scales, split_paths
+from .data import build_eval_dataset, build_train_dataset, build_train_loader, default_train_scales
 from .distributed import (DistInfo, DistributedError, all_gather_objects, any_true_each, barrier, cleanup_distributed,
                           env_dist_info, init_distributed, mean_over_processes, resolve_device)
 from .evaluate import evaluate, format_metrics
@@ -56,7 +57,7 @@ class TrainingDivergedError(RuntimeError):
 class TrainConfig:
     """Everything that defines a training run (the CLI flags of ``focus-detr train`` map onto these)."""
 
-    data_dir: str
+    data_dir: str | None  # any layout of focus_detr.data.layouts; None with train_json
     out_dir: str
     preset: str = "tiny"
     # Model config overrides passed to build_model (e.g. {"decoder.num_queries": 100}); num_classes and
@@ -64,6 +65,12 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     train_split: str = "train"
     val_split: str | None = "val"  # None: no evaluation
+    # Explicit COCO jsons (any layout); the image folders default to the json's folder.
+    train_json: str | None = None
+    train_images: str | None = None
+    val_json: str | None = None
+    val_images: str | None = None
+    allow_outside_images: bool = False  # accept file_name entries leaving the image folder
     # Length: a named schedule (12ep / 24ep / 36ep, scaled to this dataset) and/or max_iters.
     schedule: str | None = "12ep"
     max_iters: int | None = None
@@ -212,17 +219,21 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
     scales, max_size = default_train_scales(base_cfg.test_short_side, base_cfg.test_max_size)
     scales = tuple(cfg.train_scales) if cfg.train_scales else scales
     max_size = cfg.train_max_size or max_size
-    train_set = build_train_dataset(cfg.data_dir, cfg.train_split, scales, max_size, cfg.flip, cfg.crop,
-                                    cfg.skip_bad)
+    train_source = require_split(cfg.data_dir, cfg.train_split, cfg.train_json, cfg.train_images)
+    train_set = build_train_dataset(train_source, cfg.train_split, scales, max_size, cfg.flip, cfg.crop,
+                                    cfg.skip_bad, cfg.allow_outside_images)
     model: FocusDETR = build_model(cfg.preset, num_classes=train_set.num_classes, class_names=train_set.class_names,
                                    **cfg.model_overrides)
     val_set = None
-    if cfg.val_split is not None:
-        if split_paths(cfg.data_dir, cfg.val_split)[1].exists():
-            val_set = build_eval_dataset(cfg.data_dir, cfg.val_split, model.cfg.test_short_side,
-                                         model.cfg.test_max_size, train_set.class_names)
+    if cfg.val_split is not None or cfg.val_json is not None:
+        val_source = (find_split(cfg.data_dir, cfg.val_split or "val", cfg.val_json, cfg.val_images)
+                      if cfg.val_json is not None or cfg.data_dir is not None else None)
+        if val_source is not None:
+            val_set = build_eval_dataset(val_source, cfg.val_split or "val", model.cfg.test_short_side,
+                                         model.cfg.test_max_size, train_set.class_names,
+                                         allow_outside_images=cfg.allow_outside_images)
         elif info.is_main:
-            warnings.warn(f"no {split_paths(cfg.data_dir, cfg.val_split)[1]}: training without evaluation")
+            warnings.warn(f"no {cfg.val_split} split in {cfg.data_dir or cfg.train_json}: training without evaluation")
 
     total_batch = cfg.batch_size * info.world_size
     schedule = schedule_for(cfg.schedule, len(train_set), total_batch, cfg.max_iters, cfg.lr_steps, cfg.warmup_iters)
