@@ -22,6 +22,9 @@ forced through a :class:`~focus_detr.SelectionPolicy`.
 
 from __future__ import annotations
 
+import os
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -316,3 +319,81 @@ def test_parity_train_matches_and_foreground_targets(train_forced, train_losses,
             q, g = criterion.last_indices[ours_name][b]
             official = fx.array(f"train_match_{official_name}_img{b}")
             assert sorted(zip(q.tolist(), g.tolist())) == sorted(zip(*official.tolist())), (official_name, b)
+
+
+# ---- fixtures the tests cannot interpret fail, saying what is missing ------------------------------------
+def _edited_copy(tmp_path, edit_manifest=None, edit_keys=None):
+    """A copy of the first fixture with manifest.json / keys.json edited (the big files are linked)."""
+    import json
+
+    from parity_utils import fixture_dirs
+
+    source = fixture_dirs()[0]
+    folder = tmp_path / source.name
+    folder.mkdir()
+    for path in source.iterdir():
+        if path.name not in ("manifest.json", "keys.json"):
+            (folder / path.name).symlink_to(path.resolve())
+    for name, edit in (("manifest.json", edit_manifest), ("keys.json", edit_keys)):
+        data = json.loads((source / name).read_text())
+        if edit is not None:
+            edit(data)
+        (folder / name).write_text(json.dumps(data))
+    return folder
+
+
+def _drop_noise(m):
+    del m["calibration_max_abs_diff"]["float64_forced_vs_float32"]["pred_logits"]
+
+
+def _unknown_override(m):
+    m["config_overrides"]["model.transformer.mystery"] = 3
+
+
+def _other_temperature(m):
+    m["model_config_resolved_yaml"] = re.sub(r"(position_embedding:\n(?:  .*\n)*?  temperature: )\S+", r"\g<1>123",
+                                             m["model_config_resolved_yaml"], count=1)
+
+
+def _no_salt(m):
+    del m["salt"]
+
+
+def _rule_filled_integer(k):
+    k["keys"][0]["dtype"] = "int64"
+    k["keys"][0]["rule_filled"] = True
+
+
+@pytest.mark.parametrize("edit_manifest,edit_keys,message", [
+    (_drop_noise, None, "float64_forced_vs_float32 records no noise for 'pred_logits'"),
+    (_unknown_override, None, "config_overrides 'model.transformer.mystery' has no counterpart"),
+    (_other_temperature, None, "position_embedding.temperature = 123"),
+    (_no_salt, None, "no field 'salt'"),
+    (None, _rule_filled_integer, "is rule_filled but has the integer dtype"),
+], ids=["missing_noise", "unknown_override", "preset_differs", "no_salt", "rule_filled_integer"])
+def test_parity_utils_refuse_what_they_cannot_interpret(tmp_path, edit_manifest, edit_keys, message):
+    from parity_utils import FixtureError
+
+    folder = _edited_copy(tmp_path, edit_manifest, edit_keys)
+    with pytest.raises(FixtureError, match=re.escape(message)):
+        fx = load_fixture(folder)
+        fx.atol("eval", "pred_logits")
+        fx.official_state_dict(torch.nn.Module())
+
+
+def test_parity_utils_take_fixtures_from_the_environment(tmp_path, monkeypatch):
+    """Folders in FOCUS_DETR_PARITY_FIXTURE join the built-in ones, each under its own test id; a folder
+    that does not exist is kept, so its tests fail saying so."""
+    from parity_utils import FIXTURE_ENV, FixtureError, fixture_dirs
+
+    built_in = fixture_dirs()
+    folder = _edited_copy(tmp_path)
+    missing = tmp_path / "nowhere" / "official_parity"
+    monkeypatch.setenv(FIXTURE_ENV, os.pathsep.join([str(folder), str(missing), str(built_in[0])]))
+    params = fixture_params()
+    assert [p.values[0] for p in params] == built_in + [folder, missing]
+    ids = [p.id for p in params]
+    assert len(set(ids)) == len(ids) and all("official_parity" in i for i in ids)
+    assert load_fixture(folder).preset == load_fixture(built_in[0]).preset
+    with pytest.raises(FixtureError, match="does not exist"):
+        load_fixture(missing)
