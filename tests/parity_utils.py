@@ -463,7 +463,8 @@ def load_fixture(folder: Path) -> ParityFixture:
                 raise FixtureError(f"{folder / 'keys.json'}: entry {entry!r} has no {name!r}")
     salt = manifest["salt"]
     if "salt" in keys_file and keys_file["salt"] != salt:
-        raise FixtureError(f"parity fixture {folder}: salt {keys_file['salt']} in keys.json but {salt} in manifest.json")
+        raise FixtureError(f"parity fixture {folder}: salt {keys_file['salt']} in keys.json but {salt} in "
+                           "manifest.json")
     for item in manifest["inputs"]:
         for name in ("file", "height", "width", "gt_boxes_xyxy", "gt_classes"):
             if name not in item:
