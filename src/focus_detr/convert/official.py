@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..config import FocusDETRConfig
+from .checks import integer_buffer_problems
 
 # (official pattern, our replacement). Applied in order; the first match wins. ``{n}`` in a replacement is
 # filled with the number of decoder layers (the index of the two-stage proposal heads).
@@ -166,7 +167,8 @@ def _rename_head(key: str, num_decoder_layers: int) -> str | None:
 def load_converted(model: torch.nn.Module, state_dict: Mapping[str, Tensor], report: ConversionReport | None = None,
                    source: str = "checkpoint") -> None:
     """Strictly load ``state_dict`` (our names) into ``model``; raise :class:`CheckpointMismatchError` naming
-    every missing, unexpected and mis-shaped key."""
+    every missing, unexpected and mis-shaped key, and every integer buffer the state dict would damage
+    (:func:`~focus_detr.convert.checks.integer_buffer_problems`; ``model`` must be freshly built)."""
     own = model.state_dict()
     missing = sorted(k for k in own if k not in state_dict)
     unexpected = sorted(k for k in state_dict if k not in own)
@@ -174,8 +176,10 @@ def load_converted(model: torch.nn.Module, state_dict: Mapping[str, Tensor], rep
         unexpected = sorted(set(unexpected) | {f"{k} (no conversion rule)" for k in report.unconverted})
     shape = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
                    for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or shape:
-        inverse = {v: k for k, v in (report.converted.items() if report else [])}
+    inverse = {v: k for k, v in (report.converted.items() if report else [])}
+    # load_state_dict would silently cast these (a float relative_position_index becomes all zeros).
+    damaged = [_with_official_name(p, inverse) for p in integer_buffer_problems(model, state_dict)]
+    if missing or unexpected or shape or damaged:
         lines = [f"{source} does not fit the model ({model.cfg.backbone.__class__.__name__}, "
                  f"encoder mode {model.cfg.encoder.mode!r}, {model.cfg.num_classes} classes):"]
         if missing:
@@ -185,6 +189,17 @@ def load_converted(model: torch.nn.Module, state_dict: Mapping[str, Tensor], rep
                          + ", ".join(f"{inverse.get(k, k)}" for k in unexpected[:30]) + (" ..." if len(unexpected) > 30 else ""))
         if shape:
             lines.append(f"  mis-shaped keys ({len(shape)}): " + "; ".join(shape[:30]) + (" ..." if len(shape) > 30 else ""))
-        lines.append("  (is the preset right? e.g. r50 vs r101, swin size, num_classes)")
+        if damaged:
+            lines.append(f"  integer buffers the checkpoint would damage ({len(damaged)}):")
+            lines.extend(f"    {line}" for line in damaged)
+        if missing or unexpected or shape:
+            lines.append("  (is the preset right? e.g. r50 vs r101, swin size, num_classes)")
         raise CheckpointMismatchError("\n".join(lines))
     model.load_state_dict(dict(state_dict), strict=True)
+
+
+def _with_official_name(problem: str, inverse: Mapping[str, str]) -> str:
+    """``"ours: text"`` -> ``"ours (official: theirs): text"`` where the names differ."""
+    key, sep, text = problem.partition(": ")
+    official = inverse.get(key)
+    return f"{key} (official: {official}){sep}{text}" if official and official != key else problem
