@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 EPILOG = """\
@@ -91,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size <= 0:
         raise CLIError("--batch-size must be positive")
     info = env_dist_info(args.dist_timeout)
+    out = Path(args.out) if args.out else Path(args.weights).resolve().parent / f"eval_{args.split}"
+    if info.is_main and Path(args.weights).is_file():  # an unwritable --out fails now, not after the evaluation
+        from .predict_cmd import check_output_folder
+
+        check_output_folder(str(out))
     device = resolve_device(args.device, info)
     overrides = {}
     if args.short_side:
@@ -104,11 +110,10 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"no annotation file {ann} (expected DATA_DIR/annotations/instances_{args.split}.json)")
         dataset = build_eval_dataset(args.data, args.split, model.cfg.test_short_side, model.cfg.test_max_size,
                                      model.cfg.class_names)
-        out = Path(args.out) if args.out else Path(args.weights).resolve().parent / f"eval_{args.split}"
         init_distributed(info, device)
         try:
             metrics = evaluate(model, dataset, device, out, info, args.batch_size, args.workers, args.max_images,
-                               progress=not args.no_progress,
+                               progress=not args.no_progress and sys.stderr.isatty(),
                                extra={"weights": str(args.weights), "split": args.split, "data": str(args.data)})
         finally:
             cleanup_distributed()

@@ -566,7 +566,9 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device, run_dir: Path, 
 
             # ---- evaluation -------------------------------------------------------------------------
             final = iteration == schedule.max_iters
-            if val_set is not None and ((cfg.eval_every > 0 and iteration % cfg.eval_every == 0) or final):
+            # (Not when a signal stops the run here: the checkpoint comes first, the scheduler's grace time is short.)
+            if val_set is not None and stop_reason != "signal" and \
+                    ((cfg.eval_every > 0 and iteration % cfg.eval_every == 0) or final):
                 eval_model = ema.module if ema is not None else model_without_ddp
                 metrics = evaluate(eval_model, val_set, device, run_dir / "eval" / f"iter_{iteration:07d}", info,
                                    cfg.eval_batch_size, 0, cfg.max_eval_images,
