@@ -262,6 +262,11 @@ def test_best_checkpoint_and_patience(data_dir, tmp_path):
     state = load_checkpoint(list_checkpoints(out)[-1][1])
     assert state["counters"]["best_iter"] == 1 and state["counters"]["evals_since_best"] == 2
 
+    # eval of the best weights into a redirected log: no progress-bar redraws either
+    evaluated = _run(["eval", str(out / "model_best.pth"), "--data", str(data_dir), "--out", str(tmp_path / "ev")])
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert "\r" not in evaluated.stderr + evaluated.stdout and "val: AP" in evaluated.stdout
+
     bad = _run(_train_args(data_dir, tmp_path / "x", 2, "--patience", "2"))
     assert bad.returncode == 2 and "--eval-every" in _one_error_line(bad)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 EPILOG = """\
@@ -113,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         init_distributed(info, device)
         try:
             metrics = evaluate(model, dataset, device, out, info, args.batch_size, args.workers, args.max_images,
-                               progress=not args.no_progress and sys.stderr.isatty(),
+                               progress=not args.no_progress,
                                extra={"weights": str(args.weights), "split": args.split, "data": str(args.data)})
         finally:
             cleanup_distributed()

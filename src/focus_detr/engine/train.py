@@ -281,11 +281,14 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
     """Claim the run folder (rank 0), then train inside it with log.txt and the stop handlers in place."""
     run_dir = Path(cfg.out_dir)
     lock = RunLock(run_dir)
-    problem, notes = None, []
+    problem, notes, cautions = None, [], []
     if info.is_main:
         try:
             ensure_writable(run_dir, "--out")
-            lock.acquire()
+            with warnings.catch_warnings(record=True) as caught:  # said again below, inside log.txt
+                warnings.simplefilter("always")
+                lock.acquire()
+            cautions = [str(w.message) for w in caught]
             replaced = check_new_run(run_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
             if replaced:
                 notes.append(f"--overwrite: removed the previous run's {', '.join(replaced)} from {run_dir}")
@@ -303,6 +306,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
     previous_handlers = _install_stop_handlers(stop.on_signal)
     try:
         with TeeToLog(run_dir / "log.txt") if info.is_main else contextlib.nullcontext():
+            for caution in cautions:
+                print(f"warning: {caution}", file=sys.stderr)
             for note in notes:
                 print(note)
             try:
