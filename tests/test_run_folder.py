@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from cli_utils import cli_command
@@ -299,3 +301,56 @@ def test_predict_interrupted_keeps_the_results_done(tmp_path):
     assert {r["image_id"] for r in results} <= {im["id"] for im in done["images"]}
     assert len(list((out / "annotated").iterdir())) == count
     shutil.rmtree(images)
+
+
+# ---- the pieces, without a training run -----------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(alphabet="ab \r\n", max_size=8), max_size=12))
+def test_log_txt_keeps_what_a_terminal_would_finally_show(chunks):
+    import tempfile
+
+    from focus_detr.engine.logging import _LogFile
+
+    with tempfile.TemporaryDirectory() as folder:
+        log = _LogFile(Path(folder) / "log.txt")
+        for chunk in chunks:  # written in arbitrary pieces, as prints and tqdm do
+            log.feed("stderr", chunk)
+        log.close()
+        text = (Path(folder) / "log.txt").read_text()
+    *complete, tail = "".join(chunks).split("\n")
+    expected = "".join(line.rsplit("\r", 1)[-1] + "\n" for line in complete)
+    last = tail.rsplit("\r", 1)[-1]
+    expected += last + "\n" if last.strip() else ""
+    assert text == expected and "\r" not in text
+
+
+def test_lock_of_a_reused_pid_is_stale(tmp_path):
+    """A lock naming a PID that now belongs to another process (started later) is taken over."""
+    lock = RunLock(tmp_path)
+    (tmp_path / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(),
+                                                "started": "long ago", "start_ticks": 1}))
+    with pytest.warns(UserWarning, match="which no longer runs"):
+        lock.acquire()
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_storage_error_text_finds_the_os_error_inside_torch_errors(tmp_path):
+    import errno
+
+    from focus_detr.engine.run_dir import storage_error_text
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed") from inner
+    except RuntimeError as outer:
+        text = storage_error_text(outer, tmp_path / "c.pth", tmp_path / "b.pth")
+    assert text == (f"could not write {tmp_path / 'c.pth'}: the disk is full ([Errno 28] ENOSPC); the last good "
+                    f"checkpoint is {tmp_path / 'b.pth'}. Free space or fix the folder, then continue with "
+                    "--resume auto")
+    assert "no checkpoint was written yet" in storage_error_text(OSError(errno.EROFS, "ro"), tmp_path / "c", None)

@@ -221,8 +221,21 @@ def _is_collective_failure(error: BaseException) -> bool:
                                    "Timed out", "Socket Timeout"))
 
 
-# errno values that mean "the run folder cannot take more data" (reported in one line, see run_dir.py).
-_STORAGE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO, errno.EACCES, errno.EFBIG)
+# errno values that mean "the run folder cannot take more data" (reported in one line, see run_dir.py);
+# the second group only counts for files inside the run folder (a dataset file may fail to open too).
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG)
+_RUN_FILE_ERRNOS = (errno.EIO, errno.EACCES, errno.EPERM)
+
+
+def _is_storage_failure(error: OSError, run_dir: Path) -> bool:
+    if error.errno in _STORAGE_ERRNOS:
+        return True
+    if error.errno not in _RUN_FILE_ERRNOS or not error.filename:
+        return False
+    try:
+        return Path(os.fsdecode(error.filename)).resolve().is_relative_to(run_dir.resolve())
+    except (TypeError, ValueError, OSError):
+        return False
 
 
 class _StopRequest:
@@ -316,7 +329,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
                 raise
             except Exception as e:
                 os_error = find_os_error(e)
-                if os_error is None or os_error.errno not in _STORAGE_ERRNOS:
+                if os_error is None or not _is_storage_failure(os_error, run_dir):
                     raise
                 raise RunStorageError(storage_error_text(e, os_error.filename or run_dir,
                                                          stop.last_checkpoint)) from None
