@@ -21,7 +21,8 @@ examples:
 writes runs/predict/results.json (COCO results format), runs/predict/images.json (COCO images +
 categories, so COCO("images.json").loadRes("results.json") works; "failed" lists unreadable inputs) and
 runs/predict/annotated/<name> (each picture at its own size with its detections drawn).
-Exit code 0 if every input was read, 1 if any failed (the rest are still processed), 2 on usage errors.
+Exit code 0 if every input was read, 1 if any failed (the rest are still processed), 2 on usage errors,
+130 on Ctrl-C (after writing the results of the images done).
 """
 
 
