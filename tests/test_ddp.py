@@ -142,7 +142,8 @@ def test_two_process_ddp_replicas_identical_and_rank0_writes(tmp_path, data_dir)
 
     # Only rank 0 wrote files; rank 0 got the (gathered) evaluation result.
     assert r1["writes"] == {"checkpoint": 0, "weights": 0, "json": 0, "metrics": 0}
-    assert r0["writes"]["checkpoint"] == 2 and r0["writes"]["weights"] == 1 and r0["writes"]["metrics"] > 0
+    # weights: model_best.pth (the evaluation at iteration 4), model_last.pth and model_final.pth
+    assert r0["writes"]["checkpoint"] == 2 and r0["writes"]["weights"] == 3 and r0["writes"]["metrics"] > 0
     assert r0["metrics"] and not r1["metrics"]
     rows = read_metrics(out / "metrics.jsonl")
     assert sum(r.get("event") == "start" for r in rows) == 1 and sum(r.get("event") == "done" for r in rows) == 1

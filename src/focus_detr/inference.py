@@ -288,6 +288,8 @@ class PredictionSummary:
     seconds: float
     pictures: list[Path] = field(default_factory=list)
     failures: list[InputProblem] = field(default_factory=list)  # unreadable files and inputs matching nothing
+    interrupted_by: int | None = None  # the signal (SIGINT / SIGTERM) that stopped the run early, if any
+    num_inputs: int = 0  # images found in the inputs (processed or not)
 
     @property
     def ok(self) -> bool:
@@ -346,7 +348,14 @@ def predict_to_folder(model: FocusDETR, inputs: Iterable[str | os.PathLike[str]]
 
     Unreadable inputs are skipped and listed in the summary's ``failures``; the others are still processed.
     ``model_description`` (e.g. where the weights came from) is recorded in ``images.json``'s ``info``.
+
+    Ctrl-C (SIGINT) or SIGTERM (when called from the main thread) stops after the image in progress: the
+    results of the images done are written as above (``images.json``'s ``info`` says ``"interrupted": true``)
+    and the summary's ``interrupted_by`` holds the signal. A second signal interrupts at once.
     """
+    import signal
+    import threading
+
     from .viz import draw_detections
 
     start = time.perf_counter()
@@ -363,39 +372,58 @@ def predict_to_folder(model: FocusDETR, inputs: Iterable[str | os.PathLike[str]]
     images: list[dict[str, Any]] = []
     failures: list[InputProblem] = list(problems)
     pictures: list[Path] = []
-    for result in predict_images(model, paths, batch_size, score_threshold, max_detections, keep_images=draw,
-                                 progress=progress):
-        if result.error is not None:
-            failures.append(InputProblem(str(result.path), result.error))
-        else:
-            det = result.detections
-            assert det is not None
-            rel = _relative_name(result.path, root)
-            images.append({"id": result.image_id, "file_name": rel.as_posix(), "width": result.width,
-                           "height": result.height, "path": str(result.path.resolve())})
-            records.extend(_round_record(r) for r in det.to_coco(result.image_id, label_to_category))
-            if draw:
-                target = _unique(out / "annotated" / _picture_name(rel), used_names)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                picture = draw_detections(result.image, det.boxes, det.scores, det.labels, cfg.class_names,
-                                          score_threshold=draw_at)
-                picture.save(target, **({"quality": 92} if target.suffix.lower() in (".jpg", ".jpeg") else {}))
-                pictures.append(target)
-                result.image = None
-        if on_result is not None:
-            on_result(result)
+    stop: list[int] = []
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        def on_signal(signum: int, frame: Any) -> None:
+            if stop:
+                raise KeyboardInterrupt  # the second signal: at once
+            stop.append(signum)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
+    results = predict_images(model, paths, batch_size, score_threshold, max_detections, keep_images=draw,
+                             progress=progress)
+    try:
+        for result in results:
+            if result.error is not None:
+                failures.append(InputProblem(str(result.path), result.error))
+            else:
+                det = result.detections
+                assert det is not None
+                rel = _relative_name(result.path, root)
+                images.append({"id": result.image_id, "file_name": rel.as_posix(), "width": result.width,
+                               "height": result.height, "path": str(result.path.resolve())})
+                records.extend(_round_record(r) for r in det.to_coco(result.image_id, label_to_category))
+                if draw:
+                    target = _unique(out / "annotated" / _picture_name(rel), used_names)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    picture = draw_detections(result.image, det.boxes, det.scores, det.labels, cfg.class_names,
+                                              score_threshold=draw_at)
+                    picture.save(target, **({"quality": 92} if target.suffix.lower() in (".jpg", ".jpeg") else {}))
+                    pictures.append(target)
+                    result.image = None
+            if on_result is not None:
+                on_result(result)
+            if stop:
+                break  # the images done so far are written below
+    finally:
+        results.close()  # the progress bar
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
     results_file = out / "results.json"
     images_file = out / "images.json"
     _write_json(results_file, records)
     _write_json(images_file, {
         "info": {"description": "focus-detr predictions", "model": model_description or _config_name(model),
-                 "score_threshold": score_threshold},
+                 "score_threshold": score_threshold, **({"interrupted": True} if stop else {})},
         "images": images, "annotations": [], "categories": categories,
         "failed": [{"path": f.path, "error": f.reason} for f in failures],
     })
     return PredictionSummary(out, results_file, images_file, len(images), len(records),
-                             time.perf_counter() - start, pictures, failures)
+                             time.perf_counter() - start, pictures, failures,
+                             interrupted_by=stop[0] if stop else None, num_inputs=len(paths))
 
 
 def _round_record(record: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,8 @@ examples:
 writes runs/predict/results.json (COCO results format), runs/predict/images.json (COCO images +
 categories, so COCO("images.json").loadRes("results.json") works; "failed" lists unreadable inputs) and
 runs/predict/annotated/<name> (each picture at its own size with its detections drawn).
-Exit code 0 if every input was read, 1 if any failed (the rest are still processed), 2 on usage errors.
+Exit code 0 if every input was read, 1 if any failed (the rest are still processed), 2 on usage errors,
+130 on Ctrl-C (after writing the results of the images done).
 """
 
 
@@ -55,6 +56,17 @@ def model_from_args(args: argparse.Namespace, weights: str | None):
     from ..inference import load_model
 
     return load_model(weights, args.preset, args.random_init, args.device, args.seed)
+
+
+def check_output_folder(folder: str, what: str = "--out") -> None:
+    """Create ``folder`` and make sure it takes files, before any long work (one-line CLIError if not)."""
+    from ..engine.run_dir import RunDirError, ensure_writable
+    from .main import CLIError
+
+    try:
+        ensure_writable(folder, what)
+    except RunDirError as e:
+        raise CLIError(str(e)) from None
 
 
 def positive_int(text: str) -> int:
@@ -103,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     from .main import CLIError
 
     weights, inputs = split_weights(args, args.paths, "INPUT ...")
+    check_output_folder(args.out)
     paths, problems = discover_images(inputs)
     if not paths:
         detail = "\n  ".join(str(p) for p in problems)
@@ -113,6 +126,11 @@ def run(args: argparse.Namespace) -> int:
         model, inputs, args.out, batch_size=args.batch_size, score_threshold=args.score_threshold,
         max_detections=args.max_detections, draw=not args.no_draw, draw_threshold=args.draw_threshold,
         categories_file=args.categories, progress=not args.quiet, model_description=description)
+    if summary.interrupted_by is not None:
+        # Ctrl-C / SIGTERM: what was done is written; say so in one line and exit like an interrupted command.
+        print(f"interrupted after {summary.num_images} of {summary.num_inputs} image(s): results so far in "
+              f"{summary.results_file}", file=sys.stderr)
+        return 128 + int(summary.interrupted_by)
     per_image = summary.seconds / max(summary.num_images, 1)
     print(f"{summary.num_images} image(s), {summary.num_detections} detection(s) in {summary.seconds:.1f} s "
           f"({per_image:.2f} s/image)")

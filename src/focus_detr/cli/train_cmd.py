@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import signal
 from typing import Any
 
 EPILOG = """\
@@ -20,6 +21,11 @@ examples:
   focus-detr train ... --resume auto        # continue the newest complete checkpoint in --out
   focus-detr train --train-json my/train.json --train-images my/img --val-json my/val.json --val-images my/img --out runs/my
   focus-detr train --preset r50_4scale --init-weights focus_detr_r50_4scale_36ep.pth --data my_coco ...  # fine-tune
+  focus-detr train ... --overwrite          # replace the run in --out (without it an existing run is refused)
+
+RUN_DIR holds one run: an existing run is refused unless --resume or --overwrite; RUN_DIR/.lock keeps a second
+run out while one writes. SIGTERM, SIGUSR1 or Ctrl-C (to the process or the whole job) finish the step, write
+a checkpoint and RUN_DIR/model_last.pth and exit 0 (130 for Ctrl-C); a second signal exits at once.
 
 See docs/training.md for schedules, multi-node runs and what is logged."""
 
@@ -56,6 +62,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--val-split", default="val", help="evaluation split name (default val); 'none' disables it")
     g.add_argument("--resume", metavar="auto|PATH",
                    help="continue a run: 'auto' = newest complete checkpoint in RUN_DIR (fresh start if none)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in RUN_DIR (its checkpoints, logs and weights are deleted)")
     g.add_argument("--seed", type=int, default=0, help="seed of the data order, augmentations and init (default 0)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
     g.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
@@ -105,11 +113,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("logging, evaluation, checkpoints")
     g.add_argument("--eval-every", type=int, default=0, help="COCO evaluation every N iterations (default 0: at the end)")
+    g.add_argument("--patience", type=int, default=0, metavar="N",
+                   help="stop when the validation AP has not improved for N evaluations (default 0: never); "
+                        "RUN_DIR/model_best.pth always holds the best evaluated weights")
     g.add_argument("--eval-batch-size", type=int, default=1, help="images per process in evaluation (default 1)")
     g.add_argument("--max-eval-images", type=int, help="evaluate on the first N images only")
     g.add_argument("--checkpoint-every", type=int, default=1000, help="checkpoint every N iterations (default 1000)")
     g.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (default 3; 0 = all)")
-    g.add_argument("--log-every", type=int, default=20, help="metrics.jsonl row every N iterations (default 20)")
+    g.add_argument("--log-every", type=int, default=20,
+                   help="metrics.jsonl row (and, without a terminal, a progress line) every N iterations (default 20)")
     g.add_argument("--max-bad-steps", type=int, default=20,
                    help="stop after this many consecutive non-finite steps (default 20)")
     g.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
@@ -119,7 +131,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--skip-bad", action="store_true",
                    help="skip missing/unreadable training images with a counted warning instead of stopping")
     g.add_argument("--threads", type=int, help="torch CPU threads per process (default: PyTorch's choice)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (there is none anyway when stderr is not a terminal)")
     g.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard events")
     return p
 
@@ -138,6 +151,12 @@ def config_from_args(args: argparse.Namespace):
     schedule = None if args.schedule == "none" else args.schedule
     if schedule is None and args.max_iters is None:
         raise CLIError("--schedule none needs --max-iters")
+    if args.resume is not None and args.overwrite:
+        raise CLIError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    if args.patience < 0:
+        raise CLIError(f"--patience must be >= 0, got {args.patience}")
+    if args.patience and args.eval_every <= 0:
+        raise CLIError("--patience counts evaluations: give --eval-every N as well")
     for name in ("batch_size", "max_iters", "log_every", "checkpoint_every"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -154,7 +173,7 @@ def config_from_args(args: argparse.Namespace):
         amp=args.amp, ema=args.ema, ema_decay=args.ema_decay, eval_every=args.eval_every,
         eval_batch_size=args.eval_batch_size, max_eval_images=args.max_eval_images,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
-        resume=args.resume, max_bad_steps=args.max_bad_steps, dist_timeout_s=args.dist_timeout,
+        resume=args.resume, overwrite=args.overwrite, patience=args.patience, max_bad_steps=args.max_bad_steps, dist_timeout_s=args.dist_timeout,
         stop_at=args.stop_at, deterministic=args.deterministic, skip_bad=args.skip_bad, backbone_weights=args.backbone_weights,
         init_weights=args.init_weights,
         progress=not args.no_progress, tensorboard=not args.no_tensorboard,
@@ -168,7 +187,8 @@ def run(args: argparse.Namespace) -> int:
     from ..data import DataError
     from ..engine import TrainingDivergedError, train
     from ..engine.distributed import DistributedError
-    from ..engine.evaluate import format_metrics
+    from ..engine.run_dir import RunDirError
+    from ..engine.train import RunStorageError
     from .main import CLIError
 
     cfg = config_from_args(args)
@@ -178,17 +198,11 @@ def run(args: argparse.Namespace) -> int:
         result = train(cfg)
     except TrainingDivergedError as e:
         raise CLIError(str(e), code=3) from None
-    except (CheckpointFormatError, DataError, DistributedError) as e:
+    except RunStorageError as e:
+        raise CLIError(str(e), code=1) from None
+    except (CheckpointFormatError, DataError, DistributedError, RunDirError) as e:
         raise CLIError(str(e)) from None
-    from ..engine.distributed import env_dist_info
-
-    if env_dist_info().is_main:
-        if result.stopped_early:
-            print(f"stopped at iteration {result.iteration} of {result.max_iters}; checkpoint {result.last_checkpoint} "
-                  f"(continue with --resume auto)")
-        else:
-            print(f"done: {result.iteration} iterations in {result.seconds:.0f} s, {result.skipped_steps} skipped "
-                  f"step(s); weights {result.final_weights}")
-        if result.eval_metrics:
-            print(f"{cfg.val_split}: {format_metrics(result.eval_metrics)}")
+    # train() printed the summary (also into RUN_DIR/log.txt). Ctrl-C: the shell's code for an interrupt.
+    if result.stop_reason == "signal" and result.stop_signal == signal.SIGINT:
+        return 130
     return 0

@@ -29,6 +29,7 @@ from ..data.class_map import categories_with_boxes, map_categories
 from ..data.coco import validate_categories, validate_top_level
 from ..data.layouts import CocoJsonSplit, DatasetSplit, VocSplit, YoloSplit, require_split
 from ..data.transforms import DEFAULT_TRAIN_SCALES
+from .workers import ignore_job_signals
 
 SampleKey = tuple[int, int, int]  # (rank, stream position, dataset index)
 
@@ -232,7 +233,7 @@ def build_train_loader(dataset: CocoDetection, batch_size: int, num_workers: int
     """
     common: dict[str, Any] = dict(
         num_workers=num_workers, collate_fn=make_collate(pixel_mean, pixel_std), pin_memory=pin_memory,
-        persistent_workers=False,
+        persistent_workers=False, worker_init_fn=ignore_job_signals,  # the main process owns shutdown
         # Own generator: creating the iterator must not consume the global torch RNG (resume exactness).
         generator=torch.Generator().manual_seed(seed),
     )
@@ -249,5 +250,5 @@ def build_eval_loader(dataset: Dataset, indices: Sequence[int], batch_size: int,
                       pixel_mean: Sequence[float], pixel_std: Sequence[float]) -> DataLoader:
     subset = torch.utils.data.Subset(dataset, list(indices))
     return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=make_collate(pixel_mean, pixel_std),
+                      collate_fn=make_collate(pixel_mean, pixel_std), worker_init_fn=ignore_job_signals,
                       generator=torch.Generator().manual_seed(0))

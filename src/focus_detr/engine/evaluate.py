@@ -17,6 +17,7 @@ import contextlib
 import copy
 import io
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -116,8 +117,9 @@ def predict_dataset(model: torch.nn.Module, dataset: CocoDetection, device: torc
     try:
         if indices:
             loader = build_eval_loader(dataset, indices, batch_size, num_workers, cfg.pixel_mean, cfg.pixel_std)
-            for images, targets in tqdm(loader, desc="eval", disable=not (progress and info.is_main), leave=False,
-                                        dynamic_ncols=True):
+            # A bar only on a terminal: redirected logs must not fill with \r redraws.
+            show_bar = progress and info.is_main and sys.stderr.isatty()
+            for images, targets in tqdm(loader, desc="eval", disable=not show_bar, leave=False, dynamic_ncols=True):
                 outputs = model(images.to(device))
                 original = torch.stack([t["orig_size"] for t in targets]).to(device)
                 for det, t in zip(model.postprocess(outputs, original), targets):

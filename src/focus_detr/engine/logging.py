@@ -52,6 +52,9 @@ class MetricsLogger:
                 SummaryWriter = None  # noqa: N806
             if SummaryWriter is not None:
                 self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            else:
+                print(f"note: the tensorboard package is not installed: metrics go to {self.path} only "
+                      "(pip install tensorboard to get TensorBoard events; --no-tensorboard hides this note)")
 
     @property
     def tensorboard_enabled(self) -> bool:
@@ -81,6 +84,99 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+class _LogFile:
+    """The shared ``log.txt`` of a :class:`TeeToLog`: one pending line per stream, ``\r`` redraws dropped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file: Any = None
+        self.pending: dict[str, str] = {}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a", encoding="utf-8")
+        except OSError:
+            self.file = None  # the run itself reports the unwritable folder
+
+    def feed(self, stream: str, text: str) -> None:
+        if self.file is None or not text:
+            return
+        buffered = self.pending.get(stream, "") + text
+        *lines, rest = buffered.split("\n")
+        self.pending[stream] = rest.rsplit("\r", 1)[-1]
+        if lines:
+            self._write("".join(line.rsplit("\r", 1)[-1] + "\n" for line in lines))
+
+    def _write(self, text: str) -> None:
+        try:
+            self.file.write(text)
+            self.file.flush()
+        except (OSError, ValueError):  # a full disk must not turn every print into an error
+            self.file = None
+
+    def close(self) -> None:
+        if self.file is None:
+            return
+        tail = "".join(v + "\n" for v in self.pending.values() if v.strip())
+        if tail:
+            self._write(tail)
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass
+        self.file = None
+
+
+class _TeeStream:
+    """Writes go to the original stream and to the log file; everything else is the original's."""
+
+    def __init__(self, original: Any, log: _LogFile, name: str) -> None:
+        self._original = original
+        self._log = log
+        self._name = name
+
+    def write(self, text: str) -> int:
+        self._log.feed(self._name, text)
+        return self._original.write(text)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._original, attr)
+
+
+class TeeToLog:
+    """While active, everything written to ``sys.stdout`` and ``sys.stderr`` (prints, warnings, errors)
+    is also appended to ``path`` (the run's ``log.txt``), without progress-bar redraws (``\r``)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._log: _LogFile | None = None
+        self._saved: tuple[Any, Any] | None = None
+
+    def __enter__(self) -> TeeToLog:
+        self._log = _LogFile(self.path)
+        self._saved = (sys.stdout, sys.stderr)
+        sys.stdout = _TeeStream(sys.stdout, self._log, "stdout")  # type: ignore[assignment]
+        sys.stderr = _TeeStream(sys.stderr, self._log, "stderr")  # type: ignore[assignment]
+        return self
+
+    def flush(self) -> None:
+        if self._log is not None and self._log.file is not None:
+            try:
+                self._log.file.flush()
+            except (OSError, ValueError):
+                pass
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if self._saved is not None:
+            sys.stdout, sys.stderr = self._saved
+            self._saved = None
+        if self._log is not None:
+            if exc is not None and self._log.file is not None:
+                # The caller prints the error after this context ends: keep it in the log too.
+                self._log.feed("stderr", f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}\n")
+            self._log.close()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

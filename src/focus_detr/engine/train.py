@@ -5,8 +5,11 @@ writes files happens on rank 0 only. One iteration = one optimiser step on ``bat
 process. Read :func:`train` top to bottom: set-up, resume, the loop (forward, loss, backward, clip, step,
 EMA), then logging / evaluation / checkpointing at their intervals.
 
-Run folder (``out_dir``)::
+Run folder (``out_dir``; see engine/run_dir.py for its rules: refused when it holds another run unless
+``resume`` / ``overwrite``, locked while a run writes to it, leftovers of killed writers removed at start)::
 
+    .lock                  PID and host of the run writing to the folder (removed when it stops)
+    log.txt                everything the run printed (stdout and stderr, without progress-bar redraws)
     config.json            the TrainConfig, the resolved schedule / data settings, the model config
     environment.json       package versions, git revision, command line (rewritten at each (re)start)
     metrics.jsonl          training / evaluation rows and events (see engine/logging.py)
@@ -15,14 +18,26 @@ Run folder (``out_dir``)::
     eval/iter_XXXXXXX/     predictions.json, metrics.json, coco_summary.txt of each evaluation
     model_final.pth        final weights (focus_detr.api.save format: config + state dict)
     model_final_ema.pth    EMA weights (with --ema)
+    model_last.pth         the weights when the run stopped, for whatever reason (end, stop_at, signal, patience)
+    model_best.pth         the evaluated weights (EMA with --ema) with the best validation AP so far
+
+Stopping: SIGTERM, SIGUSR1 and SIGINT (Ctrl-C), to the main process or to the whole process group (DataLoader
+workers ignore them, engine/workers.py), finish the current step (or the evaluation in progress), write a
+checkpoint and ``model_last.pth`` and return with ``stop_reason == "signal"``; every DDP rank stops at the
+same iteration. A second signal exits the process at once (exit code 128 + signal number) without a new
+checkpoint; under torchrun the agent's copy of the job's signal, which arrives right after it, does not count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import math
+import os
 import random
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -42,15 +57,22 @@ from ..losses import HungarianMatcher, SetCriterion
 from ..model import FocusDETR, build_model
 from . import checkpoint as ckpt
 from .data import build_eval_dataset, build_train_dataset, build_train_loader, default_train_scales
-from .distributed import (DistInfo, DistributedError, all_gather_objects, any_true_each, barrier, cleanup_distributed,
-                          env_dist_info, init_distributed, mean_over_processes, resolve_device)
+from .distributed import (DistInfo, DistributedError, all_gather_objects, any_true_each, barrier, broadcast_object,
+                          cleanup_distributed, env_dist_info, init_distributed, mean_over_processes, resolve_device)
 from .evaluate import evaluate, format_metrics
-from .logging import MetricsLogger, environment_info, write_json
+from .logging import MetricsLogger, TeeToLog, environment_info, write_json
+from .run_dir import (RunDirError, RunLock, check_new_run, ensure_writable, find_os_error, remove_orphaned_temporaries,
+                      storage_error_text)
 from .optim import LRSchedule, build_optimizer, schedule_for, set_lr
 
 
 class TrainingDivergedError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class RunStorageError(RuntimeError):
+    """Writing to the run folder failed (full disk, read-only filesystem, quota, ...); the message names the
+    last good checkpoint."""
 
 
 @dataclass
@@ -99,6 +121,8 @@ class TrainConfig:
     keep_checkpoints: int = 3  # <= 0 keeps all
     log_every: int = 20
     resume: str | None = None  # None, "auto" (newest complete checkpoint in out_dir) or a path
+    overwrite: bool = False  # replace the run in out_dir (without it, a folder holding a run needs resume)
+    patience: int = 0  # stop after this many evaluations without a better validation AP (0: never)
     max_bad_steps: int = 20  # consecutive non-finite steps tolerated before stopping
     dist_timeout_s: float = 1800.0
     stop_at: int | None = None  # checkpoint and stop at this iteration (pre-emption / tests)
@@ -130,10 +154,16 @@ class TrainResult:
     eval_metrics: dict[str, Any] | None
     skipped_steps: int
     seconds: float
-    stopped_early: bool
+    stopped_early: bool  # stopped before max_iters (stop_at, a signal, patience)
     # The trained model (unwrapped from DDP, on its training device) and its EMA copy, for API callers.
     model: FocusDETR | None = field(default=None, repr=False)
     ema_model: FocusDETR | None = field(default=None, repr=False)
+    # Why the run stopped: "done" (max_iters), "stop_at", "signal" or "patience".
+    stop_reason: str = "done"
+    stop_signal: int | None = None  # the signal number when stop_reason == "signal"
+    last_weights: Path | None = None  # model_last.pth
+    best_weights: Path | None = None  # model_best.pth (when there was an evaluation)
+    best_ap: float | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -174,7 +204,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     init_distributed(info, device)
     try:
         return _train(cfg, info, device)
-    except (DistributedError, TrainingDivergedError):
+    except (DistributedError, TrainingDivergedError, RunDirError, RunStorageError):
         raise
     except Exception as e:
         # A collective inside DDP's backward or the criterion failed: say what it probably means.
@@ -198,11 +228,125 @@ def _is_collective_failure(error: BaseException) -> bool:
                                    "Timed out", "Socket Timeout"))
 
 
+# errno values that mean "the run folder cannot take more data" (reported in one line, see run_dir.py);
+# the second group only counts for files inside the run folder (a dataset file may fail to open too).
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG)
+_RUN_FILE_ERRNOS = (errno.EIO, errno.EACCES, errno.EPERM)
+
+
+def _is_storage_failure(error: OSError, run_dir: Path) -> bool:
+    if error.errno in _STORAGE_ERRNOS:
+        return True
+    if error.errno not in _RUN_FILE_ERRNOS or not error.filename:
+        return False
+    try:
+        return Path(os.fsdecode(error.filename)).resolve().is_relative_to(run_dir.resolve())
+    except (TypeError, ValueError, OSError):
+        return False
+
+
+class _StopRequest:
+    """What the signal handlers saw. The first SIGTERM / SIGUSR1 / SIGINT is recorded (the loop stops at the
+    end of the current step); a second one exits the process at once. Under torchrun the agent forwards the
+    job's signal to every rank right after the job's own copy arrived: that repeat does not count."""
+
+    AGENT_REPEAT_S = 5.0
+
+    def __init__(self, lock: RunLock | None = None) -> None:
+        self.signals: list[int] = []
+        self.first_at = 0.0
+        self.pid = os.getpid()
+        self.lock = lock
+        self.last_checkpoint: Path | None = None
+        self.under_agent = "TORCHELASTIC_RUN_ID" in os.environ
+
+    def __bool__(self) -> bool:
+        return bool(self.signals)
+
+    @property
+    def signal(self) -> int | None:
+        return self.signals[0] if self.signals else None
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self.pid:
+            return  # a DataLoader worker forked before its worker_init_fn ran: the main process decides
+        now = time.monotonic()
+        if not self.signals:
+            self.signals.append(signum)
+            self.first_at = now
+            return
+        if self.under_agent and signum == self.signals[0] and now - self.first_at < self.AGENT_REPEAT_S:
+            return
+        where = (f"the last complete checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                 else "no checkpoint was written yet")
+        try:
+            sys.stderr.write(f"second signal ({_signal_name(signum)}): exiting at once without a new checkpoint; "
+                             f"{where}\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - nothing may stop the exit
+            pass
+        if self.lock is not None:
+            self.lock.release()
+        os._exit(128 + signum)
+
+
+def _signal_name(signum: int | None) -> str:
+    try:
+        return signal.Signals(signum).name if signum is not None else "?"
+    except ValueError:
+        return str(signum)
+
+
 def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResult:
-    start_time = time.perf_counter()
+    """Claim the run folder (rank 0), then train inside it with log.txt and the stop handlers in place."""
     run_dir = Path(cfg.out_dir)
+    lock = RunLock(run_dir)
+    problem, notes, cautions = None, [], []
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            ensure_writable(run_dir, "--out")
+            with warnings.catch_warnings(record=True) as caught:  # said again below, inside log.txt
+                warnings.simplefilter("always")
+                lock.acquire()
+            cautions = [str(w.message) for w in caught]
+            replaced = check_new_run(run_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
+            if replaced:
+                notes.append(f"--overwrite: removed the previous run's {', '.join(replaced)} from {run_dir}")
+            orphans = remove_orphaned_temporaries(run_dir)
+            if orphans:
+                notes.append(f"removed {len(orphans)} unfinished temporary file(s) of an interrupted run: "
+                             + ", ".join(p.name for p in orphans[:4]) + (" ..." if len(orphans) > 4 else ""))
+        except RunDirError as e:
+            problem = str(e)
+    problem = broadcast_object(problem)  # every rank refuses together
+    if problem is not None:
+        lock.release()
+        raise RunDirError(problem)
+    stop = _StopRequest(lock)
+    previous_handlers = _install_stop_handlers(stop.on_signal)
+    try:
+        with TeeToLog(run_dir / "log.txt") if info.is_main else contextlib.nullcontext():
+            for caution in cautions:
+                print(f"warning: {caution}", file=sys.stderr)
+            for note in notes:
+                print(note)
+            try:
+                return _run(cfg, info, device, run_dir, stop)
+            except (DistributedError, TrainingDivergedError, RunDirError, RunStorageError):
+                raise
+            except Exception as e:
+                os_error = find_os_error(e)
+                if os_error is None or not _is_storage_failure(os_error, run_dir):
+                    raise
+                raise RunStorageError(storage_error_text(e, os_error.filename or run_dir,
+                                                         stop.last_checkpoint)) from None
+    finally:
+        _restore_handlers(previous_handlers)
+        lock.release()
+
+
+def _run(cfg: TrainConfig, info: DistInfo, device: torch.device, run_dir: Path, stop: _StopRequest) -> TrainResult:
+    start_time = time.perf_counter()
     seed_everything(cfg.seed)  # same initial weights on every process (DDP would broadcast rank 0's anyway)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -268,6 +412,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
     scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
 
     start_iter, skipped_steps = 0, 0
+    # Best validation AP so far, its iteration, and evaluations since (for model_best.pth and --patience).
+    best: dict[str, Any] = {"ap": None, "iter": None, "evals_since": 0}
     rng_to_restore = None
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -281,7 +427,10 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
         if scaler is not None and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
         start_iter = int(state["iteration"])
-        skipped_steps = int(state.get("counters", {}).get("skipped_steps", 0))
+        counters = state.get("counters", {})
+        skipped_steps = int(counters.get("skipped_steps", 0))
+        best.update(ap=counters.get("best_ap"), iter=counters.get("best_iter"),
+                    evals_since=int(counters.get("evals_since_best", 0)))
         old = LRSchedule.from_state_dict(state["scheduler"])
         if old != schedule and info.is_main:
             warnings.warn(f"the schedule differs from the checkpoint's ({old} -> {schedule}); using the new one")
@@ -333,19 +482,20 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
         ckpt.restore_rng_state(rng_to_restore)  # last thing before the loop: nothing may draw in between
     model.train()
     end_iter = min(schedule.max_iters, cfg.stop_at) if cfg.stop_at is not None else schedule.max_iters
+    stop_reason = "stop_at" if end_iter < schedule.max_iters else "done"
     loss_keys: list[str] | None = None
     window_sum: torch.Tensor | None = None
     window_steps, window_iters, window_start = 0, 0, time.perf_counter()
     consecutive_bad = 0
     last_checkpoint = ckpt.find_latest_checkpoint(run_dir) if info.is_main and start_iter > 0 else None
+    stop.last_checkpoint = last_checkpoint
     eval_metrics: dict[str, Any] | None = None
-    bar = tqdm(total=schedule.max_iters, initial=start_iter, disable=not (info.is_main and cfg.progress),
-               dynamic_ncols=True, desc="train")
-    batches = iter(loader)
+    best_weights = run_dir / "model_best.pth" if best["ap"] is not None and (run_dir / "model_best.pth").exists() else None
+    # A progress bar only where someone watches it; a redirected log gets summary lines instead.
+    show_bar = info.is_main and cfg.progress and sys.stderr.isatty()
+    bar = tqdm(total=schedule.max_iters, initial=start_iter, disable=not show_bar, dynamic_ncols=True, desc="train")
+    batches = iter(loader)  # DataLoader workers start here and ignore the job's signals (engine/workers.py)
     iteration = start_iter
-    # SIGTERM (cluster pre-emption) / SIGUSR1 (e.g. SLURM --signal): finish the step, checkpoint, stop.
-    stop_signal: list[int] = []
-    previous_handlers = _install_stop_handlers(stop_signal)
     try:
         while iteration < end_iter:
             images, targets = next(batches)
@@ -366,9 +516,10 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
 
             # A non-finite loss or gradient (on any process: grads are already averaged, the loss is not)
             # skips the step instead of poisoning the weights. fp16 overflows are the GradScaler's business.
+            # The same collective makes every process agree on a stop signal that reached any of them.
             loss_value = float(loss.detach())
             bad_grad = not math.isfinite(float(grad_norm)) and scaler is None
-            bad, stop = any_true_each([not math.isfinite(loss_value) or bad_grad, bool(stop_signal)], device)
+            bad, stop_now = any_true_each([not math.isfinite(loss_value) or bad_grad, bool(stop)], device)
             if bad:
                 skipped_steps += 1
                 consecutive_bad += 1
@@ -391,6 +542,9 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
                             f"(steps {iteration + 2 - consecutive_bad}..{iteration + 1}); {where}. Lower --lr, check the data, or raise "
                             "--max-bad-steps; resume with --resume auto.")
                     logger.event(iteration + 1, "stopped", reason="non-finite", skipped_steps=skipped_steps)
+                    if info.is_main:  # the skipped steps left the weights as they were: still finite
+                        api.save(model_without_ddp, run_dir / "model_last.pth",
+                                 extra={"iteration": iteration, "ema": False, "stop_reason": "non-finite"})
                     raise TrainingDivergedError(text)
             else:
                 consecutive_bad = 0
@@ -410,11 +564,9 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
             iteration += 1
             window_iters += 1
             bar.update(1)
-            if stop and iteration < end_iter:
-                end_iter = iteration  # log, checkpoint and leave the loop below
-                if info.is_main:
-                    bar.write(f"stop signal received: checkpointing at iteration {iteration} and stopping")
-                    logger.event(iteration, "signal", signal=stop_signal[0] if stop_signal else None)
+            if stop_now and iteration < end_iter:
+                end_iter, stop_reason = iteration, "signal"  # log, checkpoint and leave the loop below
+                _announce_stop(stop, iteration, info, logger)
 
             # ---- logging ----------------------------------------------------------------------------
             if iteration % cfg.log_every == 0 or iteration == end_iter:
@@ -427,26 +579,55 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
                 row = mean_over_processes(row, device) if loss_keys is not None else row
                 images_per_s = window_iters * total_batch / max(elapsed, 1e-9)
                 if info.is_main:
-                    logger.write({"type": "train", "iter": iteration, **row,
-                                  "lr": optimizer.param_groups[-1]["lr"], "images_per_s": images_per_s,
+                    rates = _group_lrs(optimizer)
+                    logger.write({"type": "train", "iter": iteration, **row, **rates, "images_per_s": images_per_s,
                                   "skipped_steps": skipped_steps})
-                    bar.set_postfix(loss=f"{row.get('loss', float('nan')):.3f}", img_s=f"{images_per_s:.1f}",
-                                    skipped=skipped_steps)
+                    if show_bar:
+                        bar.set_postfix(loss=f"{row.get('loss', float('nan')):.3f}", img_s=f"{images_per_s:.1f}",
+                                        skipped=skipped_steps)
+                    else:
+                        eta = (schedule.max_iters - iteration) * elapsed / max(window_iters, 1)
+                        print(f"iter {iteration}/{schedule.max_iters}  loss {row.get('loss', float('nan')):.4f}  "
+                              + "  ".join(f"{k} {v:.3g}" for k, v in rates.items())
+                              + f"  {images_per_s:.1f} img/s  eta {_duration(eta)}"
+                              + (f"  skipped {skipped_steps}" if skipped_steps else ""), flush=True)
                 window_sum, window_steps, window_iters, window_start = None, 0, 0, time.perf_counter()
 
             # ---- evaluation -------------------------------------------------------------------------
             final = iteration == schedule.max_iters
-            if val_set is not None and ((cfg.eval_every > 0 and iteration % cfg.eval_every == 0) or final):
+            # (Not when a signal stops the run here: the checkpoint comes first, the scheduler's grace time is short.)
+            if val_set is not None and stop_reason != "signal" and \
+                    ((cfg.eval_every > 0 and iteration % cfg.eval_every == 0) or final):
                 eval_model = ema.module if ema is not None else model_without_ddp
                 metrics = evaluate(eval_model, val_set, device, run_dir / "eval" / f"iter_{iteration:07d}", info,
                                    cfg.eval_batch_size, 0, cfg.max_eval_images,
                                    extra={"iter": iteration, "split": cfg.val_split, "ema": ema is not None})
+                out_of_patience = False
                 if info.is_main and metrics is not None:
                     eval_metrics = metrics
                     logger.write({"type": "eval", "iter": iteration, "split": cfg.val_split,
                                   **{k: v for k, v in metrics.items() if k not in ("summary", "per_class")}})
                     bar.write(f"[iter {iteration}] {cfg.val_split}: {format_metrics(metrics)}")
+                    ap = metrics.get("AP")
+                    if isinstance(ap, (int, float)) and (best["ap"] is None or ap > best["ap"]):
+                        best.update(ap=float(ap), iter=iteration, evals_since=0)
+                        best_weights = api.save(eval_model, run_dir / "model_best.pth", extra={
+                            "iteration": iteration, "ema": ema is not None, "AP": float(ap), "split": cfg.val_split})
+                    else:
+                        best["evals_since"] += 1
+                    out_of_patience = cfg.patience > 0 and best["evals_since"] >= cfg.patience
                 model.train()
+                # A signal that came during the evaluation stops here, before another step; so does patience.
+                stop_now, out_of_patience = any_true_each([bool(stop), out_of_patience], device)
+                if iteration < end_iter and (stop_now or out_of_patience):
+                    end_iter, stop_reason = iteration, "signal" if stop_now else "patience"
+                    if stop_now:
+                        _announce_stop(stop, iteration, info, logger)
+                    elif info.is_main:
+                        print(f"early stop: {cfg.val_split} AP has not improved for {best['evals_since']} "
+                              f"evaluation(s) (--patience {cfg.patience}); best AP {best['ap']:.4f} at iteration "
+                              f"{best['iter']}")
+                        logger.event(iteration, "early_stop", best_ap=best["ap"], best_iter=best["iter"])
 
             # ---- checkpoint -------------------------------------------------------------------------
             # Periodic checkpoints are not written during a run of non-finite steps, so the newest one stays
@@ -454,45 +635,98 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
             if (iteration % cfg.checkpoint_every == 0 and consecutive_bad == 0) or iteration == end_iter:
                 # Every process's generator states (DDP ranks draw different denoising noise).
                 rngs = all_gather_objects(ckpt.capture_rng_state())
+                failure = None
                 if info.is_main:
-                    last_checkpoint = ckpt.save_checkpoint(ckpt.checkpoint_path(run_dir, iteration), {
-                        "iteration": iteration,
-                        "model_config": config_to_dict(model_without_ddp.cfg),
-                        "train_config": cfg.to_dict(),
-                        "model": {k: v.detach().cpu() for k, v in model_without_ddp.state_dict().items()},
-                        "optimizer": _to_cpu(optimizer.state_dict()),
-                        "scheduler": schedule.state_dict(),
-                        "ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()} if ema is not None else None,
-                        "grad_scaler": scaler.state_dict() if scaler is not None else None,
-                        "rng": rngs,
-                        "data": {"samples_per_process": iteration * cfg.batch_size, "batch_size": cfg.batch_size,
-                                 "world_size": info.world_size, "seed": cfg.seed},
-                        "counters": {"skipped_steps": skipped_steps},
-                    })
-                    ckpt.prune_checkpoints(run_dir, cfg.keep_checkpoints)
-                barrier()
+                    target = ckpt.checkpoint_path(run_dir, iteration)
+                    try:
+                        last_checkpoint = ckpt.save_checkpoint(target, {
+                            "iteration": iteration,
+                            "model_config": config_to_dict(model_without_ddp.cfg),
+                            "train_config": cfg.to_dict(),
+                            "model": {k: v.detach().cpu() for k, v in model_without_ddp.state_dict().items()},
+                            "optimizer": _to_cpu(optimizer.state_dict()),
+                            "scheduler": schedule.state_dict(),
+                            "ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()} if ema is not None else None,
+                            "grad_scaler": scaler.state_dict() if scaler is not None else None,
+                            "rng": rngs,
+                            "data": {"samples_per_process": iteration * cfg.batch_size, "batch_size": cfg.batch_size,
+                                     "world_size": info.world_size, "seed": cfg.seed},
+                            "counters": {"skipped_steps": skipped_steps, "best_ap": best["ap"],
+                                         "best_iter": best["iter"], "evals_since_best": best["evals_since"]},
+                        })
+                        stop.last_checkpoint = last_checkpoint
+                        ckpt.prune_checkpoints(run_dir, cfg.keep_checkpoints)
+                    except (OSError, RuntimeError) as e:
+                        if find_os_error(e) is None and not isinstance(e, OSError) and "write" not in str(e).lower():
+                            raise
+                        failure = storage_error_text(e, target, last_checkpoint)
+                        logger.event(iteration, "stopped", reason="checkpoint write failed", error=failure)
+                failure = broadcast_object(failure)  # also the barrier: no rank runs ahead of the save
+                if failure is not None:
+                    raise RunStorageError(failure)
     finally:
-        _restore_handlers(previous_handlers)
         bar.close()
         del batches  # shuts DataLoader workers down
 
     # ---- the end ------------------------------------------------------------------------------------
     stopped_early = iteration < schedule.max_iters
-    final_weights = final_ema = None
+    completed = not stopped_early or stop_reason == "patience"
+    final_weights = final_ema = last_weights = None
     if info.is_main:
-        if not stopped_early:
+        last_weights = api.save(model_without_ddp, run_dir / "model_last.pth",
+                                extra={"iteration": iteration, "ema": False, "stop_reason": stop_reason})
+        if completed:
             final_weights = api.save(model_without_ddp, run_dir / "model_final.pth",
                                      extra={"iteration": iteration, "ema": False})
             if ema is not None:
                 final_ema = api.save(ema.module, run_dir / "model_final_ema.pth",
                                      extra={"iteration": iteration, "ema": True})
-        logger.event(iteration, "stopped" if stopped_early else "done", skipped_steps=skipped_steps,
-                     seconds=time.perf_counter() - start_time)
+        logger.event(iteration, "stopped" if stopped_early else "done", reason=stop_reason,
+                     skipped_steps=skipped_steps, seconds=time.perf_counter() - start_time)
         logger.close()
+        seconds = time.perf_counter() - start_time
+        if stop_reason == "signal":
+            # The one line on stderr a scheduler's log or a terminal shows after the job's signal.
+            print(f"stopped by {_signal_name(stop.signal)} at iteration {iteration} of {schedule.max_iters}: "
+                  f"checkpoint {last_checkpoint}, weights {last_weights}; continue with --resume auto",
+                  file=sys.stderr, flush=True)
+        elif stopped_early and stop_reason != "patience":
+            print(f"stopped at iteration {iteration} of {schedule.max_iters}; checkpoint {last_checkpoint}, weights "
+                  f"{last_weights} (continue with --resume auto)")
+        else:
+            print(f"done: {iteration} iterations in {seconds:.0f} s, {skipped_steps} skipped step(s); weights "
+                  f"{final_weights}" + (f", best {cfg.val_split} AP {best['ap']:.4f} at iteration {best['iter']} in "
+                                         f"{best_weights}" if best_weights is not None else ""))
+        if eval_metrics and stop_reason != "signal":
+            print(f"{cfg.val_split}: {format_metrics(eval_metrics)}")
     barrier()
     return TrainResult(run_dir, iteration, schedule.max_iters, final_weights, final_ema, last_checkpoint,
                        eval_metrics, skipped_steps, time.perf_counter() - start_time, stopped_early,
-                       model_without_ddp.eval(), ema.module.eval() if ema is not None else None)
+                       model_without_ddp.eval(), ema.module.eval() if ema is not None else None,
+                       stop_reason=stop_reason, stop_signal=stop.signal if stop_reason == "signal" else None,
+                       last_weights=last_weights, best_weights=best_weights, best_ap=best["ap"])
+
+
+def _announce_stop(stop: _StopRequest, iteration: int, info: DistInfo, logger: MetricsLogger) -> None:
+    if info.is_main:
+        print(f"{_signal_name(stop.signal)} received: writing the checkpoint of iteration {iteration}, then stopping "
+              "(a second signal exits at once)", flush=True)
+        logger.event(iteration, "signal", signal=_signal_name(stop.signal))
+
+
+def _group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """``{"lr": ..., "lr_backbone": ...}``: the current rate of the transformer and backbone groups."""
+    rates: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        key = "lr_backbone" if str(group.get("name", "")).startswith("backbone") else "lr"
+        rates.setdefault(key, float(group["lr"]))
+    return dict(sorted(rates.items(), key=lambda kv: kv[0] != "lr"))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0.0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
 def ema_update_fn(decay: float):
@@ -537,19 +771,12 @@ def load_matching_weights(model: torch.nn.Module, state_dict: dict[str, torch.Te
     return len(matching), sorted(k for k in own if k not in matching)
 
 
-def _install_stop_handlers(flag: list[int]) -> dict[int, Any]:
-    """Record SIGTERM / SIGUSR1 / SIGINT in ``flag`` instead of dying (main thread only; returns the old
-    handlers). The run then checkpoints at the end of the current step and exits cleanly. A second Ctrl-C
-    interrupts at once (the default handler is back after the first)."""
+def _install_stop_handlers(on_signal: Any) -> dict[int, Any]:
+    """Route SIGTERM / SIGUSR1 / SIGINT to ``on_signal`` instead of dying (main thread only; returns the old
+    handlers, for :func:`_restore_handlers`)."""
     if threading.current_thread() is not threading.main_thread():
         return {}
     previous = {}
-
-    def on_signal(signum: int, frame: Any) -> None:
-        flag.append(signum)
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
     for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
         sig = getattr(signal, name, None)
         if sig is not None:
