@@ -580,7 +580,8 @@ def _predict_videos(model: FocusDETR, videos: Sequence[tuple[str, Path | str]], 
                     record["frame_index"] = frame.index
                     records.append(_round_record(record))
                 if writer is not None:
-                    writer.write(np.asarray(det.plot(frame.image, score_threshold=draw_threshold)))
+                    # legend=False: every frame of a video must keep the same size
+                    writer.write(np.asarray(det.plot(frame.image, score_threshold=draw_threshold, legend=False)))
                 next_id += 1
                 frames += 1
                 bar.update(1)

@@ -213,19 +213,11 @@ def draw_detections(
     for i in order[::-1]:  # least confident drawn first, so the best boxes end up on top
         draw.rectangle(clipped[i], outline=class_color(int(labels_np[i])), width=lw)
 
+    texts = [f"{names[i]} {scores_np[i]:.2f}" for i in order]
     placed: list[tuple[float, float, float, float]] = []
-    tags: list[tuple[int, str, tuple[float, float]]] = []
-    untagged: list[int] = []
-    for i in order:
-        text = f"{names[i]} {scores_np[i]:.2f}"
-        size = _tag_size(draw, text, font)
-        too_big = size[0] > MAX_TAG_WIDTH_SHARE * width or size[1] > MAX_TAG_HEIGHT_SHARE * height
-        spot = None if too_big else _free_spot(clipped[i], size, placed, width, height)
-        if spot is None:
-            untagged.append(i)
-        else:
-            placed.append((*spot, spot[0] + size[0], spot[1] + size[1]))
-            tags.append((i, text, spot))
+    spots = place_tags([clipped[i] for i in order], [_tag_size(draw, t, font) for t in texts], width, height, placed)
+    tags = [(i, t, spot) for i, t, spot in zip(order, texts, spots) if spot is not None]
+    untagged = [i for i, spot in zip(order, spots) if spot is None]
     numbers: list[tuple[int, str, tuple[float, float]]] = []
     if untagged and legend:
         small = load_font(max(7, round(font.size * 0.8)) if hasattr(font, "size") else 10)
@@ -248,6 +240,29 @@ def draw_detections(
         entries.append((f"+ {len(rest)} more (scores {scores_np[rest].min():.2f}-{scores_np[rest].max():.2f})",
                         (128, 128, 128)))
     return _add_legend(canvas, entries)
+
+
+def place_tags(boxes: Sequence[tuple[float, float, float, float]], sizes: Sequence[tuple[float, float]],
+               width: float, height: float, placed: list[tuple[float, float, float, float]] | None = None,
+               max_width_share: float = MAX_TAG_WIDTH_SHARE,
+               max_height_share: float = MAX_TAG_HEIGHT_SHARE) -> list[tuple[float, float] | None]:
+    """Where each box's tag goes: its top-left corner, or None when it has no free place.
+
+    boxes:  ``(x0, y0, x1, y1)`` inside a ``width x height`` image, in priority order (most confident first).
+    sizes:  ``(w, h)`` of each tag, same units.
+    placed: rectangles already taken (extended with the tags placed here).
+    A tag larger than ``max_width_share`` of the width or ``max_height_share`` of the height gets None
+    (it would cover too much of a small image). Placed tags lie inside the image and never overlap.
+    """
+    placed = [] if placed is None else placed
+    spots: list[tuple[float, float] | None] = []
+    for box, (tw, th) in zip(boxes, sizes):
+        too_big = tw > max_width_share * width or th > max_height_share * height
+        spot = None if too_big else _free_spot(box, (tw, th), placed, width, height)
+        if spot is not None:
+            placed.append((spot[0], spot[1], spot[0] + tw, spot[1] + th))
+        spots.append(spot)
+    return spots
 
 
 def _tag_size(draw: ImageDraw.ImageDraw, text: str, font: Any) -> tuple[int, int]:

@@ -609,23 +609,21 @@ def _draw_detection_patches(
     overlaps; a tag with no free place is left out). Returns how many boxes got no tag."""
     from matplotlib.patches import Rectangle
 
-    from focus_detr.viz.draw import _free_spot
+    from focus_detr.viz.draw import place_tags
 
     boxes, scores, labels = detections
     fontsize = 6.0
     px_per_pt = 1.0 / pt_per_px
-    placed: list[tuple[float, float, float, float]] = []
-    spots = []
+    texts, sizes, clipped = [], [], []
     for (x0, y0, x1, y1), score, label in zip(boxes, scores, labels):  # most confident first get places
         name = class_names[label] if class_names is not None and 0 <= label < len(class_names) else str(label)
-        text = f"{name} {score:.2f}"
+        texts.append(f"{name} {score:.2f}")
         # Size estimate: 0.55 em per character plus padding, 1.5 em tall.
-        size = ((0.55 * len(text) + 0.6) * fontsize * px_per_pt, 1.5 * fontsize * px_per_pt)
-        box = (min(max(x0, 0), width), min(max(y0, 0), height), min(max(x1, 0), width), min(max(y1, 0), height))
-        spot = None if size[0] > 0.8 * width or size[1] > 0.3 * height else _free_spot(box, size, placed, width, height)
-        if spot is not None:
-            placed.append((*spot, spot[0] + size[0], spot[1] + size[1]))
-        spots.append((text, spot, size))
+        sizes.append(((0.55 * len(texts[-1]) + 0.6) * fontsize * px_per_pt, 1.5 * fontsize * px_per_pt))
+        clipped.append((min(max(x0, 0), width), min(max(y0, 0), height), min(max(x1, 0), width),
+                        min(max(y1, 0), height)))
+    spots = list(zip(texts, place_tags(clipped, sizes, width, height, max_width_share=0.8, max_height_share=0.3),
+                     sizes))
     for k in reversed(range(len(scores))):  # least confident first, so the best ones are drawn on top
         x0, y0, x1, y1 = boxes[k]
         color = np.array(class_color(int(labels[k]))) / 255.0
