@@ -549,7 +549,6 @@ def _predict_videos(model: FocusDETR, videos: Sequence[tuple[str, Path | str]], 
 
     summaries: list[VideoSummary] = []
     next_id = first_id + 1
-    names = model.cfg.class_names
     for label, source in videos:
         try:
             video = open_video(source)  # predict_video reads and closes it

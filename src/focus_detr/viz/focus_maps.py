@@ -612,7 +612,7 @@ def _draw_detection_patches(
     from focus_detr.viz.draw import place_tags
 
     boxes, scores, labels = detections
-    fontsize = 6.0
+    fontsize = 7.0
     px_per_pt = 1.0 / pt_per_px
     texts, sizes, clipped = [], [], []
     for (x0, y0, x1, y1), score, label in zip(boxes, scores, labels):  # most confident first get places
