@@ -53,6 +53,7 @@ def served(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     make_picture(root / "street.jpg", (120, 160), 7)
     write_video(root / "clip.mp4", frames=4)
     (root / "big.bin").write_bytes(b"\0" * BIG_BYTES)
+    write_hls(root / "hls" / "live.m3u8", frames=8)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: _Handler(*a, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -78,6 +79,24 @@ def write_video(path: Path, frames: int, size: tuple[int, int] = (72, 96), fps: 
             frame[20:44, x:x + 24] = (240, 200, 40)
             writer.write(frame)
     return path
+
+
+def write_hls(playlist: Path, frames: int) -> Path:
+    """An HLS stream (playlist + MPEG-TS segment) written with PyAV: a live source a test can serve."""
+    import av
+
+    playlist.parent.mkdir(parents=True, exist_ok=True)
+    container = av.open(str(playlist), "w", format="hls", options={"hls_time": "1", "hls_list_size": "0"})
+    stream = container.add_stream("libx264", rate=10)
+    stream.width, stream.height, stream.pix_fmt = 96, 72, "yuv420p"
+    for k in range(frames):
+        frame = av.VideoFrame.from_ndarray(np.full((72, 96, 3), 20 * k, np.uint8), format="rgb24")
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return playlist
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,6 +227,21 @@ def test_predict_video_end_to_end(weights: Path, tmp_path: Path) -> None:
     assert all(r["frame_index"] == by_id[r["image_id"]] for r in video_records)
     with open_video(out / "annotated" / "clip.mp4") as annotated:
         assert sum(1 for _ in annotated) == 3 and annotated.width == 96 and annotated.height == 72
+
+
+def test_predict_live_stream_until_max_frames(served, weights: Path, tmp_path: Path) -> None:
+    # An HLS playlist is a live source: read as a stream (never downloaded), stopped by --max-frames.
+    base, _ = served
+    url = f"{base}/hls/live.m3u8"
+    out = tmp_path / "out"
+    proc = run_cli("predict", weights, url, "--out", out, "--max-frames", "3", "--score-threshold", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    assert f"{url}: 3 frame(s)" in proc.stdout and "frames/s" in proc.stdout
+    frames = json.loads((out / "images.json").read_text())["images"]
+    assert [(f["video"], f["frame_index"]) for f in frames] == [(url, 0), (url, 1), (url, 2)]
+    assert not (out / "downloads").exists()
+    with open_video(out / "annotated" / "live.mp4") as annotated:
+        assert sum(1 for _ in annotated) == 3
 
 
 def test_video_without_pyav_is_reported_not_skipped(weights: Path, tmp_path: Path) -> None:
