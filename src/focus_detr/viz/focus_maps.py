@@ -299,6 +299,7 @@ _GAP = 0.15  # between panels and around the figure
 _PANEL_TITLE = 0.3  # above each panel
 _MIN_PANEL_H = 1.1  # panels of very wide pictures get fewer per line instead of getting flatter
 _MAX_PANEL_H = 4.5  # very tall pictures: narrower panels instead of taller ones
+_MIN_CELL_W = 1.6  # a narrow panel still gets this much width, so that titles never run into each other
 _CAPTION_FONT = 9.5
 _KEPT_COLOR = "#ffd21f"  # kept-token share: one bright hue whose opacity is the share
 
@@ -426,7 +427,9 @@ def explain_figure(
                     ha="center", va="center", fontsize=9, color="black",
                     bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 3})
         elif unlabelled:
-            ax.set_title(ax.get_title() + f", {unlabelled} unlabelled (crowded)", fontsize=8)
+            ax.text(0.01, 0.01, f"{unlabelled} not labelled", transform=ax.transAxes,
+                    ha="left", va="bottom", fontsize=6.5, bbox={"facecolor": "white", "edgecolor": "none",
+                                                               "alpha": 0.8, "pad": 1.5})
 
     found = "image"
     if drawn is not None:
@@ -498,11 +501,11 @@ def explain_figure(
         cap_h = 0.2 * len(wrapped) + 0.12
         lines: list[list[_Panel]] = [[]]
         for panel in panels:
-            used = sum(q.width + _GAP for q in lines[-1])
-            if lines[-1] and used + panel.width > usable + 1e-6:
+            used = sum(_cell_width(q) + _GAP for q in lines[-1])
+            if lines[-1] and used + _cell_width(panel) > usable + 1e-6:
                 lines.append([])
             lines[-1].append(panel)
-        body = sum(max(q.height for q in line) + _PANEL_TITLE for line in lines)
+        body = sum(max(q.height for q in line) + _title_height(line) for line in lines)
         layout.append((wrapped, cap_h, lines, footer))
         height += cap_h + body + footer_h[footer] + _GAP
     fig = _new_figure((width_inches, height))
@@ -522,11 +525,14 @@ def explain_figure(
         y += cap_h
         level_axes = []
         for line in lines:
-            line_w = sum(q.width for q in line) + _GAP * (len(line) - 1)
+            line_w = sum(_cell_width(q) for q in line) + _GAP * (len(line) - 1)
             x = (width_inches - line_w) / 2  # short lines are centred, never padded with empty panels
             line_h = max(q.height for q in line)
+            title_h = _title_height(line)
             for panel in line:
-                y0 = y + _PANEL_TITLE + (line_h - panel.height) / 2
+                cell_x = x
+                x += (_cell_width(panel) - panel.width) / 2  # a narrow panel is centred in its cell
+                y0 = y + title_h + (line_h - panel.height) / 2
                 if panel.kind == "summary":  # room for the chart's tick labels inside its cell
                     ax = fig.add_axes(rect(x + 0.45, y0 + 0.02, panel.width - 1.45, panel.height - 0.42))
                 else:
@@ -536,13 +542,13 @@ def explain_figure(
                     ax.set_xticks([])
                     ax.set_yticks([])
                 ax.set_label(f"panel:{panel.kind}")
-                ax.set_title(panel.title, fontsize=8)
+                ax.set_title("\n".join(_wrap_title(panel)), fontsize=8)
                 panel.draw(ax)
                 counts[panel.kind] += 1
                 if panel.kind == "levels":
                     level_axes.append((x, panel.width))
-                x += panel.width + _GAP
-            y += line_h + _PANEL_TITLE
+                x = cell_x + _cell_width(panel) + _GAP
+            y += line_h + title_h
         if footer == "scores" and score_images:
             left = min(a for a, _ in level_axes)
             right = max(a + w for a, w in level_axes)
@@ -560,6 +566,20 @@ def explain_figure(
         y += footer_h[footer] + _GAP
     fig.focus_detr_panels = counts  # type: ignore[attr-defined]
     return fig
+
+
+def _cell_width(panel: _Panel) -> float:
+    return max(panel.width, _MIN_CELL_W)
+
+
+def _wrap_title(panel: _Panel) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(panel.title, max(12, int(_cell_width(panel) * 72 / (8 * 0.55)))) or [""]
+
+
+def _title_height(line: Sequence[_Panel]) -> float:
+    return _PANEL_TITLE + 0.14 * (max(len(_wrap_title(q)) for q in line) - 1)
 
 
 def _level_color(level: int) -> str:
