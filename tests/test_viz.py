@@ -334,6 +334,18 @@ def test_explain_figure_panorama_keeps_its_shape_without_warnings() -> None:
             assert h >= 0.1 and w >= 2.0
 
 
+def test_explain_figure_tall_picture_titles_do_not_collide() -> None:
+    logits, selected, oesm = _synthetic_trace()
+    tall = np.zeros((1600, 120, 3), np.uint8)
+    fig = explain_figure(tall, logits, SHAPES, selected[:2], oesm[:2], image_size=IMAGE_SIZE, canvas_size=CANVAS)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [ax.title.get_window_extent(renderer) for ax in fig.get_axes() if ax.get_label().startswith("panel:")]
+    for k, a in enumerate(boxes):
+        for b in boxes[k + 1:]:
+            assert not a.overlaps(b), "two panel titles overlap"
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.floats(0.05, 0.95))
 def test_kept_share_map_mean_is_the_share_of_kept_tokens(seed: int, ratio: float) -> None:
