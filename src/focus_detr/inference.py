@@ -1,11 +1,13 @@
 """Inference helpers shared by the ``focus-detr`` commands and the Python API.
 
 * :func:`discover_images` turns files, folders (searched recursively) and glob patterns into a list of
-  image paths, reporting arguments that match nothing;
+  image paths, reporting arguments that match nothing; :func:`discover_inputs` also finds videos and keeps
+  http(s) URLs and camera / stream sources;
 * :func:`load_model` builds a model from one of our weights files, an official detrex checkpoint + preset,
   or a preset with random weights (smoke tests, demos);
 * :func:`predict_images` runs batched prediction over paths, skipping (and reporting) unreadable files;
-* :func:`predict_to_folder` does that and writes annotated pictures plus COCO-format results;
+* :func:`predict_to_folder` does that (and downloads URLs, reads videos and streams) and writes annotated
+  pictures / videos plus COCO-format results; :func:`predict_video` yields the detections of video frames;
 * :func:`explain` gives the Focus-DETR explanation figure, its arrays and the detections for one image.
 
 Example::
