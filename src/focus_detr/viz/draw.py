@@ -316,8 +316,10 @@ def _add_legend(picture: Image.Image, entries: Sequence[tuple[str, tuple[int, in
     swatch = max(h for _, h in sizes)
     cell_w = max(w for w, _ in sizes) + swatch + 12
     line_h = swatch + 4
-    width = max(picture.width, cell_w + 8)
-    columns = max(1, (width - 8) // cell_w)
+    columns = max(1, (picture.width - 8) // cell_w)
+    if -(-len(entries) // columns) > 8:  # a narrow picture with a long list: widen rather than grow very tall
+        columns = max(columns, min(3, -(-len(entries) // 8)))
+    width = max(picture.width, columns * cell_w + 8)
     rows = -(-len(entries) // columns)
     out = Image.new("RGB", (width, picture.height + rows * line_h + 8), (255, 255, 255))
     out.paste(picture, (0, 0))
