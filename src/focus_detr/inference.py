@@ -155,7 +155,8 @@ def discover_inputs(inputs: Iterable[str | os.PathLike[str]], recursive: bool = 
             found = [InputItem("stream" if is_stream(text) else "url", text.strip())]
         else:
             paths, trouble = discover_images([item], recursive, exts)
-            problems.extend(trouble)
+            problems.extend(InputProblem(t.path, "no image or video files in this folder")
+                            if t.reason.startswith("no image files") else t for t in trouble)
             found = [InputItem("video" if p.suffix.lower() in video_exts else "image", p) for p in paths]
         for it in found:
             key = it.source.resolve() if isinstance(it.source, Path) else it.source
