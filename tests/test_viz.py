@@ -22,6 +22,7 @@ from focus_detr.viz import (
     explain_arrays,
     explain_figure,
     finest_level_map,
+    kept_share_map,
     plot_benchmark_bars,
     plot_loss_curve,
     save_figure,
@@ -30,7 +31,9 @@ from focus_detr.viz import (
     token_positions,
     valid_token_maps,
 )
-from focus_detr.viz.draw import _text_color
+from focus_detr.viz.draw import _text_color, place_tags
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("matplotlib")
 
@@ -60,7 +63,8 @@ def test_draw_keeps_size_and_marks_box_edges(background: int, size: tuple[int, i
     image = np.full((h, w, 3), background, dtype=np.uint8)
     before = image.copy()
     box = np.array([[0.25 * w, 0.4 * h, 0.75 * w, 0.9 * h]])
-    out = draw_detections(image, torch.as_tensor(box), torch.tensor([0.87]), torch.tensor([3]), ["a", "b", "c", "cat"])
+    out = draw_detections(image, torch.as_tensor(box), torch.tensor([0.87]), torch.tensor([3]), ["a", "b", "c", "cat"],
+                          legend=False)
     assert out.size == (w, h) and out.mode == "RGB"
     assert np.array_equal(image, before), "the input must not be modified"
     arr = np.asarray(out)
@@ -85,7 +89,7 @@ def test_draw_keeps_size_and_marks_box_edges(background: int, size: tuple[int, i
     ids=["L", "RGBA", "gray-float", "chw-tensor", "P"],
 )
 def test_draw_converts_any_input_to_rgb(make) -> None:
-    out = draw_detections(make(), np.array([[5.0, 5.0, 50.0, 35.0]]), np.array([0.5]), np.array([0]), None)
+    out = draw_detections(make(), np.array([[5.0, 5.0, 50.0, 35.0]]), np.array([0.5]), np.array([0]), None, legend=False)
     assert out.size == (60, 40) and out.mode == "RGB"
     assert np.array_equal(np.asarray(out)[20, 5], np.array(class_color(0)))
 
@@ -108,6 +112,68 @@ def test_draw_tag_stays_inside_image() -> None:
     # A box at the right edge: the tag is shifted left so that it ends inside the image.
     out = np.asarray(draw_detections(image, [[90, 50, 99, 99]], [0.9], [0], ["person"]))
     assert (out[:50, 60:90] != 255).any()
+
+
+def _tag_rects(boxes, sizes, width, height):
+    spots = place_tags(boxes, sizes, width, height)
+    return [(x, y, x + w, y + h) for spot, (w, h) in zip(spots, sizes) if spot is not None for x, y in [spot]], spots
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 180), st.floats(0, 130), st.floats(5, 120), st.floats(5, 90)),
+                min_size=1, max_size=30),
+       st.integers(20, 60), st.integers(8, 14))
+def test_placed_tags_never_overlap_and_stay_inside(raw, tag_w, tag_h) -> None:
+    width, height = 240, 160
+    boxes = [(x, y, min(x + w, width - 1), min(y + h, height - 1)) for x, y, w, h in raw]
+    rects, _ = _tag_rects(boxes, [(tag_w, tag_h)] * len(boxes), width, height)
+    for k, a in enumerate(rects):
+        assert 0 <= a[0] and 0 <= a[1] and a[2] <= width and a[3] <= height
+        for b in rects[k + 1:]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+
+
+def test_crowded_detections_get_distinct_tags_or_a_legend() -> None:
+    # 12 identical boxes: at most a few tags fit around them; the others are listed in a legend strip.
+    image = np.full((200, 300, 3), 128, np.uint8)
+    boxes = [[100, 60, 200, 140]] * 12
+    scores = np.linspace(0.95, 0.4, 12)
+    out = draw_detections(image, boxes, scores, [k % 6 for k in range(12)], [f"class{k}" for k in range(6)])
+    assert out.width == 300 and out.height > 200  # the legend strip below the picture
+    legend = np.asarray(out)[200:]
+    assert (legend != 255).any(axis=2).sum() > 200  # something is written there
+    # Without the legend the size is kept.
+    assert draw_detections(image, boxes, scores, [0] * 12, None, legend=False).size == (300, 200)
+
+
+def test_tags_on_a_tiny_image_go_to_the_legend() -> None:
+    # On 32x32 pixels a "cat 0.87" tag would cover the picture: it is written below it instead.
+    image = np.full((32, 32, 3), 200, np.uint8)
+    out = draw_detections(image, [[4, 4, 28, 28]], [0.87], [0], ["cat"])
+    assert out.height > 32 and out.width >= 32
+    picture = np.asarray(out)[:32, :32]
+    changed = (picture != 200).any(axis=2).mean()
+    assert changed < 0.45, f"{changed:.0%} of the tiny picture is covered"
+    # A 600x400 picture keeps its size: the tag fits above the box.
+    big = np.full((400, 600, 3), 200, np.uint8)
+    assert draw_detections(big, [[100, 100, 300, 300]], [0.87], [0], ["cat"]).size == (600, 400)
+
+
+def test_draw_detections_takes_a_detections_object() -> None:
+    from focus_detr import Detections, draw_detections as top_level_draw
+
+    det = Detections(torch.tensor([[5.0, 20.0, 60.0, 70.0], [30.0, 30.0, 90.0, 75.0]]), torch.tensor([0.9, 0.4]),
+                     torch.tensor([1, 2]), ["dog", "cat"], torch.tensor([3, 7]))
+    image = np.full((80, 120, 3), 90, np.uint8)
+    by_object = np.asarray(top_level_draw(image, det))
+    by_fields = np.asarray(draw_detections(image, det.boxes, det.scores, det.labels, ["bg", "dog", "cat"]))
+    assert np.array_equal(by_object, by_fields)
+    plotted = det.plot(image, score_threshold=0.5)  # only the dog
+    assert plotted.size == (120, 80)
+    assert np.array_equal(np.asarray(plotted), np.asarray(draw_detections(image, det.boxes[:1], det.scores[:1],
+                                                                          det.labels[:1], ["bg", "dog"])))
+    with pytest.raises(TypeError):
+        draw_detections(image, det.boxes)
 
 
 def test_text_color_contrasts_with_background() -> None:
@@ -208,15 +274,94 @@ def test_explain_figure_panels_and_png(tmp_path: Path) -> None:
         image_size=torch.tensor(IMAGE_SIZE), canvas_size=CANVAS, title="synthetic",
     )  # fmt: skip
     assert fig.focus_detr_panels == {"image": 1, "levels": 4, "summary": 1, "layers": 6, "oesm": 6}
+    assert _panel_kinds(fig) == fig.focus_detr_panels
     titles = [ax.get_title() for ax in fig.get_axes()]
-    assert sum(t.startswith("foreground prob., stride") for t in titles) == 4
-    assert sum("OESM" in t for t in titles) == 6
+    assert sum(t.startswith("object score, 8-px cells") for t in titles) == 1
+    assert sum("top-scoring tokens" in t for t in titles) == 6
     k = int(0.5 * N) + 1
     assert f"layer 1: {k} tokens" in " ".join(titles)
     path = tmp_path / "sub" / "explain.png"
     save_figure(fig, path)
     with Image.open(path) as png:
         assert png.format == "PNG" and png.width >= 2000  # 16 in at 150 dpi
+
+
+def _panel_kinds(fig) -> dict[str, int]:
+    kinds = [ax.get_label().split(":", 1)[1] for ax in fig.get_axes() if ax.get_label().startswith("panel:")]
+    return {k: kinds.count(k) for k in ("image", "levels", "summary", "layers", "oesm")}
+
+
+def _captions(fig) -> list[str]:
+    return [t.get_text() for t in fig.texts if t.get_text()[:2] in ("1.", "2.", "3.")]
+
+
+def test_explain_figure_two_layers_has_no_empty_panels_and_captions_in_plain_words() -> None:
+    logits, selected, oesm = _synthetic_trace()
+    fig = explain_figure(np.zeros((80, 120, 3), np.uint8), logits, SHAPES, selected[:2], oesm[:2],
+                         detections=(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long)),
+                         image_size=IMAGE_SIZE, canvas_size=CANVAS)
+    # Every axes is a panel with content (plus the colour bar): 1 + 4 levels + 2 layers + chart + 2 OESM.
+    assert _panel_kinds(fig) == {"image": 1, "levels": 4, "summary": 1, "layers": 2, "oesm": 2}
+    assert len(fig.get_axes()) == 10 + 1
+    captions = _captions(fig)
+    assert len(captions) == 3  # one per row
+    text = " ".join(captions + [ax.get_title() for ax in fig.get_axes()])
+    assert "OESM" not in text and "sigmoid" not in text and "logit" not in text
+    # No detection above the threshold: the panel says so.
+    notes = [t.get_text() for ax in fig.get_axes() for t in ax.texts]
+    assert any("no detections with" in n and "0.30" in n for n in notes)
+
+
+def test_explain_figure_panorama_keeps_its_shape_without_warnings() -> None:
+    import warnings
+
+    logits, selected, oesm = _synthetic_trace()
+    panorama = np.random.default_rng(0).integers(0, 256, (120, 1600, 3), dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any matplotlib layout warning fails the test
+        fig = explain_figure(panorama, logits, SHAPES, selected[:2], oesm[:2], image_size=IMAGE_SIZE,
+                             canvas_size=CANVAS)
+        fig.canvas.draw()
+    width_in, height_in = fig.get_size_inches()
+    for ax in fig.get_axes():
+        box = ax.get_position()
+        w, h = box.width * width_in, box.height * height_in
+        kind = ax.get_label()
+        if kind.startswith("panel:") and kind not in ("panel:summary",):
+            assert w / h == pytest.approx(1600 / 120, rel=0.02)  # panels keep the picture's shape
+            assert h >= 1.0  # ... and are not squashed flat
+        elif not kind.startswith("panel:"):  # the colour bar
+            assert h >= 0.1 and w >= 2.0
+
+
+def test_explain_figure_tall_picture_titles_do_not_collide() -> None:
+    logits, selected, oesm = _synthetic_trace()
+    tall = np.zeros((1600, 120, 3), np.uint8)
+    fig = explain_figure(tall, logits, SHAPES, selected[:2], oesm[:2], image_size=IMAGE_SIZE, canvas_size=CANVAS)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [ax.title.get_window_extent(renderer) for ax in fig.get_axes() if ax.get_label().startswith("panel:")]
+    for k, a in enumerate(boxes):
+        for b in boxes[k + 1:]:
+            assert not a.overlaps(b), "two panel titles overlap"
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.floats(0.05, 0.95))
+def test_kept_share_map_mean_is_the_share_of_kept_tokens(seed: int, ratio: float) -> None:
+    # Coarse tokens must not make a sparse layer look covered: the map's mean is the token share.
+    rng = np.random.default_rng(seed)
+    shapes = [(16, 24), (8, 12), (4, 6), (2, 3)]  # an exact pyramid: every level covers the same canvas
+    masks = [rng.random(s) < ratio for s in shapes]
+    valid = [np.ones(s, bool) for s in shapes]
+    share, cell = kept_share_map(masks, valid, [8, 16, 32, 64])
+    assert cell == 8 and share.shape == (16, 24)
+    kept = sum(int(m.sum()) for m in masks) / sum(m.size for m in masks)
+    assert share.mean() == pytest.approx(kept, abs=1e-9)
+    # Only the coarsest level kept entirely: the map stays faint (1 token of 85 per place).
+    only_coarse = [np.zeros(s, bool) for s in shapes[:3]] + [np.ones(shapes[3], bool)]
+    faint, _ = kept_share_map(only_coarse, valid, [8, 16, 32, 64])
+    assert faint.max() < 0.02
 
 
 def test_explain_figure_dense_mode_omits_score_and_oesm_rows(tmp_path: Path) -> None:

@@ -1,11 +1,13 @@
 """Inference helpers shared by the ``focus-detr`` commands and the Python API.
 
 * :func:`discover_images` turns files, folders (searched recursively) and glob patterns into a list of
-  image paths, reporting arguments that match nothing;
+  image paths, reporting arguments that match nothing; :func:`discover_inputs` also finds videos and keeps
+  http(s) URLs and camera / stream sources;
 * :func:`load_model` builds a model from one of our weights files, an official detrex checkpoint + preset,
   or a preset with random weights (smoke tests, demos);
 * :func:`predict_images` runs batched prediction over paths, skipping (and reporting) unreadable files;
-* :func:`predict_to_folder` does that and writes annotated pictures plus COCO-format results;
+* :func:`predict_to_folder` does that (and downloads URLs, reads videos and streams) and writes annotated
+  pictures / videos plus COCO-format results; :func:`predict_video` yields the detections of video frames;
 * :func:`explain` gives the Focus-DETR explanation figure, its arrays and the detections for one image.
 
 Example::
@@ -37,6 +39,8 @@ from .model import Detections, FocusDETR
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
+
+    from .video import VideoFrame, VideoReader
 
 #: File name endings treated as images when searching folders (files named explicitly are always tried).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -117,6 +121,49 @@ def discover_images(inputs: Iterable[str | os.PathLike[str]], recursive: bool = 
         else:
             problems.append(InputProblem(text, "no such file or folder"))
     return found, problems
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input to predict on: ``kind`` is ``"image"`` (a local file), ``"video"`` (a local video file),
+    ``"url"`` (http(s), downloaded first; image or video by its name) or ``"stream"`` (camera / stream URL,
+    read live). ``source`` is a ``Path`` for local files and the text as given otherwise."""
+
+    kind: str
+    source: Path | str
+
+
+def discover_inputs(inputs: Iterable[str | os.PathLike[str]], recursive: bool = True,
+                    extensions: Iterable[str] = IMAGE_EXTENSIONS,
+                    video_extensions: Iterable[str] | None = None) -> tuple[list[InputItem], list[InputProblem]]:
+    """Like :func:`discover_images`, but also finds videos (in folders, by ``video_extensions``, default
+    :data:`focus_detr.video.VIDEO_EXTENSIONS`), and keeps http(s) URLs and camera / stream sources
+    (``rtsp://...``, ``camera:0``) as they are. URLs are recognised before any ``Path`` conversion (which
+    would collapse their ``//``). Returns ``(items, problems)`` in first-occurrence order."""
+    from .ops.url_io import is_url
+    from .video import VIDEO_EXTENSIONS, is_stream
+
+    video_exts = {e.lower() if e.startswith(".") else "." + e.lower()
+                  for e in (VIDEO_EXTENSIONS if video_extensions is None else video_extensions)}
+    exts = set(extensions) | video_exts
+    items: list[InputItem] = []
+    problems: list[InputProblem] = []
+    seen: set[Path | str] = set()
+    for item in inputs:
+        text = os.fspath(item)
+        if isinstance(item, str) and (is_stream(text) or is_url(text)):
+            found = [InputItem("stream" if is_stream(text) else "url", text.strip())]
+        else:
+            paths, trouble = discover_images([item], recursive, exts)
+            problems.extend(InputProblem(t.path, "no image or video files in this folder")
+                            if t.reason.startswith("no image files") else t for t in trouble)
+            found = [InputItem("video" if p.suffix.lower() in video_exts else "image", p) for p in paths]
+        for it in found:
+            key = it.source.resolve() if isinstance(it.source, Path) else it.source
+            if key not in seen:
+                seen.add(key)
+                items.append(it)
+    return items, problems
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,6 +337,7 @@ class PredictionSummary:
     failures: list[InputProblem] = field(default_factory=list)  # unreadable files and inputs matching nothing
     interrupted_by: int | None = None  # the signal (SIGINT / SIGTERM) that stopped the run early, if any
     num_inputs: int = 0  # images found in the inputs (processed or not)
+    videos: list["VideoSummary"] = field(default_factory=list)  # one per video / stream input processed
 
     @property
     def ok(self) -> bool:
@@ -334,7 +382,8 @@ def predict_to_folder(model: FocusDETR, inputs: Iterable[str | os.PathLike[str]]
                       draw: bool = True, draw_threshold: float | None = None,
                       categories_file: str | os.PathLike[str] | None = None, progress: bool = False,
                       on_result: Callable[[ImageResult], None] | None = None,
-                      model_description: str | None = None) -> PredictionSummary:
+                      model_description: str | None = None, frame_step: int = 1, max_frames: int | None = None,
+                      max_download_bytes: int | None = None) -> PredictionSummary:
     """Predict every image found in ``inputs`` (see :func:`discover_images`) and write to ``out_dir``:
 
     * ``results.json``: COCO results format, a list of ``{"image_id", "category_id", "bbox": [x, y, w, h],
@@ -345,6 +394,14 @@ def predict_to_folder(model: FocusDETR, inputs: Iterable[str | os.PathLike[str]]
     * ``annotated/<name>``: each picture at its own size with its detections drawn (``draw``), keeping the
       folder structure below the inputs' common folder; detections below ``draw_threshold`` (default:
       ``score_threshold``) are not drawn.
+
+    Inputs may also be http(s) URLs (downloaded into ``out_dir/downloads/``, at most ``max_download_bytes``
+    each, default :data:`focus_detr.ops.url_io.MAX_DOWNLOAD_BYTES`), video files (also inside folders) and
+    camera / stream sources (needs the ``video`` extra, see :mod:`focus_detr.video`). Every ``frame_step``-th
+    frame of a video, at most ``max_frames`` per video, is predicted; each becomes an ``images.json`` entry
+    with ``video`` and ``frame_index`` (ids after the still images'), its results carry ``frame_index`` too,
+    and ``annotated/<video name>.mp4`` shows the detections. A live stream runs until ``max_frames`` or
+    Ctrl+C, then its outputs are completed.
 
     Unreadable inputs are skipped and listed in the summary's ``failures``; the others are still processed.
     ``model_description`` (e.g. where the weights came from) is recorded in ``images.json``'s ``info``.
@@ -361,16 +418,17 @@ def predict_to_folder(model: FocusDETR, inputs: Iterable[str | os.PathLike[str]]
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths, problems = discover_images(inputs)
+    items, problems = discover_inputs(inputs)
+    failures: list[InputProblem] = list(problems)
+    paths, videos, urls = _fetch_inputs(items, out / "downloads", failures, max_download_bytes)
     cfg = model.cfg
     label_to_category, categories = category_mapping(cfg.class_names, categories_file, cfg.num_classes)
     draw_at = score_threshold if draw_threshold is None else draw_threshold
-    root = _common_folder(paths)
+    root = _common_folder([p for p in paths if p not in urls])
     used_names: set[Path] = set()
 
     records: list[dict[str, Any]] = []
     images: list[dict[str, Any]] = []
-    failures: list[InputProblem] = list(problems)
     pictures: list[Path] = []
     stop: list[int] = []
     previous: dict[int, Any] = {}
@@ -382,33 +440,42 @@ def predict_to_folder(model: FocusDETR, inputs: Iterable[str | os.PathLike[str]]
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, on_signal)
-    results = predict_images(model, paths, batch_size, score_threshold, max_detections, keep_images=draw,
-                             progress=progress)
+    video_summaries: list[VideoSummary] = []
     try:
-        for result in results:
-            if result.error is not None:
-                failures.append(InputProblem(str(result.path), result.error))
-            else:
-                det = result.detections
-                assert det is not None
-                rel = _relative_name(result.path, root)
-                images.append({"id": result.image_id, "file_name": rel.as_posix(), "width": result.width,
-                               "height": result.height, "path": str(result.path.resolve())})
-                records.extend(_round_record(r) for r in det.to_coco(result.image_id, label_to_category))
-                if draw:
-                    target = _unique(out / "annotated" / _picture_name(rel), used_names)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    picture = draw_detections(result.image, det.boxes, det.scores, det.labels, cfg.class_names,
-                                              score_threshold=draw_at)
-                    picture.save(target, **({"quality": 92} if target.suffix.lower() in (".jpg", ".jpeg") else {}))
-                    pictures.append(target)
-                    result.image = None
-            if on_result is not None:
-                on_result(result)
-            if stop:
-                break  # the images done so far are written below
+        results = predict_images(model, paths, batch_size, score_threshold, max_detections, keep_images=draw,
+                                 progress=progress)
+        try:
+            for result in results:
+                if result.error is not None:
+                    failures.append(InputProblem(urls.get(result.path, str(result.path)), result.error))
+                else:
+                    det = result.detections
+                    assert det is not None
+                    rel = Path(result.path.name) if result.path in urls else _relative_name(result.path, root)
+                    images.append({"id": result.image_id, "file_name": rel.as_posix(), "width": result.width,
+                                   "height": result.height, "path": urls.get(result.path, str(result.path.resolve()))})
+                    records.extend(_round_record(r) for r in det.to_coco(result.image_id, label_to_category))
+                    if draw:
+                        target = _unique(out / "annotated" / _picture_name(rel), used_names)
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        picture = draw_detections(result.image, det.boxes, det.scores, det.labels, cfg.class_names,
+                                                  score_threshold=draw_at)
+                        picture.save(target, **({"quality": 92} if target.suffix.lower() in (".jpg", ".jpeg") else {}))
+                        pictures.append(target)
+                        result.image = None
+                if on_result is not None:
+                    on_result(result)
+                if stop:
+                    break  # the images done so far are written below
+        finally:
+            results.close()  # the progress bar
+        if not stop:
+            video_summaries = _predict_videos(
+                model, videos, out, len(paths), images, records, failures, pictures, label_to_category, used_names,
+                batch_size=batch_size, score_threshold=score_threshold, max_detections=max_detections,
+                draw_threshold=draw_at if draw else None, frame_step=frame_step, max_frames=max_frames,
+                progress=progress, stop=stop)  # fmt: skip
     finally:
-        results.close()  # the progress bar
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -423,7 +490,157 @@ def predict_to_folder(model: FocusDETR, inputs: Iterable[str | os.PathLike[str]]
     })
     return PredictionSummary(out, results_file, images_file, len(images), len(records),
                              time.perf_counter() - start, pictures, failures,
-                             interrupted_by=stop[0] if stop else None, num_inputs=len(paths))
+                             interrupted_by=stop[0] if stop else None, num_inputs=len(paths) + len(videos),
+                             videos=video_summaries)
+
+
+def _fetch_inputs(items: Sequence[InputItem], download_dir: Path, failures: list[InputProblem],
+                  max_bytes: int | None) -> tuple[list[Path], list[tuple[str, Path | str]], dict[Path, str]]:
+    """Download URL inputs; returns ``(image paths, videos as (label, source), {downloaded path: URL})``."""
+    from .ops.url_io import MAX_DOWNLOAD_BYTES, DownloadError, download_url
+    from .video import is_video_file
+
+    images: list[Path] = []
+    videos: list[tuple[str, Path | str]] = []
+    urls: dict[Path, str] = {}
+    for item in items:
+        if item.kind == "url":
+            try:
+                path = download_url(str(item.source), download_dir, max_bytes=max_bytes or MAX_DOWNLOAD_BYTES)
+            except DownloadError as e:
+                failures.append(InputProblem(str(item.source), e.reason))
+                continue
+            urls[path] = str(item.source)
+            (videos.append((str(item.source), path)) if is_video_file(path) else images.append(path))
+        elif item.kind == "image":
+            images.append(Path(item.source))
+        else:  # a local video or a live stream
+            videos.append((str(item.source), item.source))
+    return images, videos, urls
+
+
+@dataclass
+class VideoSummary:
+    """One video or stream processed by :func:`predict_to_folder`: frames predicted and how fast."""
+
+    source: str
+    frames: int
+    seconds: float
+    annotated: Path | None = None
+    stopped: str | None = None  # why a live stream or a video ended early (e.g. "interrupted")
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        out = f" -> {self.annotated}" if self.annotated is not None else ""
+        note = f" ({self.stopped})" if self.stopped else ""
+        return (f"{self.source}: {self.frames} frame(s) in {self.seconds:.1f} s "
+                f"({self.frames_per_second:.1f} frames/s){note}{out}")
+
+
+def predict_video(model: FocusDETR, source: "str | os.PathLike[str] | VideoReader", batch_size: int = 1,
+                  score_threshold: float = 0.0, max_detections: int | None = None, frame_step: int = 1,
+                  max_frames: int | None = None) -> Iterator[tuple["VideoFrame", Detections]]:
+    """Yield ``(frame, detections)`` for every ``frame_step``-th frame of a video file, stream or camera
+    (:func:`focus_detr.video.open_video`, or an open reader, which is then closed), at most ``max_frames``;
+    ``frame.index`` counts all decoded frames from 0, so it is the frame's position in the video whatever
+    ``frame_step`` is. Needs PyAV."""
+    from .video import VideoReader, open_video
+
+    if frame_step < 1:
+        raise ValueError(f"frame_step must be >= 1, got {frame_step}")
+    with (source if isinstance(source, VideoReader) else open_video(source)) as video:
+        batch: list[VideoFrame] = []
+        taken = 0
+        for frame in video:
+            if frame.index % frame_step:
+                continue
+            batch.append(frame)
+            taken += 1
+            last = max_frames is not None and taken >= max_frames
+            if len(batch) >= batch_size or last:
+                dets = model.predict([f.image for f in batch], score_threshold=score_threshold,
+                                     max_detections=max_detections, batch_size=len(batch))
+                yield from zip(batch, (_to_cpu(d) for d in dets))
+                batch = []
+            if last:
+                break
+        if batch:
+            dets = model.predict([f.image for f in batch], score_threshold=score_threshold,
+                                 max_detections=max_detections, batch_size=len(batch))
+            yield from zip(batch, (_to_cpu(d) for d in dets))
+
+
+def _predict_videos(model: FocusDETR, videos: Sequence[tuple[str, Path | str]], out: Path, first_id: int,
+                    images: list[dict[str, Any]], records: list[dict[str, Any]], failures: list[InputProblem],
+                    pictures: list[Path], label_to_category: dict[int, int] | None, used_names: set[Path], *,
+                    batch_size: int, score_threshold: float, max_detections: int | None,
+                    draw_threshold: float | None, frame_step: int, max_frames: int | None,
+                    progress: bool, stop: Sequence[int] = ()) -> list[VideoSummary]:
+    """predict_to_folder's video part: appends to ``images`` / ``records`` / ``failures`` / ``pictures``."""
+    from .ops.errors import DataError
+    from .video import VideoWriter, is_stream, open_video
+
+    summaries: list[VideoSummary] = []
+    next_id = first_id + 1
+    for label, source in videos:
+        if stop:
+            break
+        try:
+            video = open_video(source)  # predict_video reads and closes it
+            name, fps, total = video.name, video.fps, video.frame_count
+        except ImportError as e:
+            failures.append(InputProblem(label, f"a video: {e}"))
+            continue
+        except DataError as e:
+            failures.append(InputProblem(label, e.reason))
+            continue
+        target = None
+        if draw_threshold is not None:
+            target = _unique(out / "annotated" / (Path(name).stem + ".mp4"), used_names)
+        if total is not None:
+            total = -(-total // frame_step)
+            total = min(total, max_frames) if max_frames is not None else total
+        bar = _progress(total or 0, Path(name).name, "frame", progress)
+        start, frames, stopped = time.perf_counter(), 0, None
+        writer = VideoWriter(target, fps=(fps or 25.0) / frame_step) if target is not None else None
+        try:
+            for frame, det in predict_video(model, video, batch_size, score_threshold, max_detections,
+                                            frame_step, max_frames):
+                h, w = frame.image.shape[:2]
+                images.append({"id": next_id, "file_name": f"{Path(name).stem}/frame_{frame.index:06d}",
+                               "width": w, "height": h, "path": label, "video": label,
+                               "frame_index": frame.index, "time_s": frame.time_s})
+                for record in det.to_coco(next_id, label_to_category):
+                    record["frame_index"] = frame.index
+                    records.append(_round_record(record))
+                if writer is not None:
+                    # legend=False: every frame of a video must keep the same size
+                    writer.write(np.asarray(det.plot(frame.image, score_threshold=draw_threshold, legend=False)))
+                next_id += 1
+                frames += 1
+                bar.update(1)
+                if stop:  # Ctrl-C / SIGTERM caught by predict_to_folder: finish this video's outputs, then stop
+                    stopped = "interrupted"
+                    break
+        except KeyboardInterrupt:
+            if not is_stream(label):
+                raise
+            stopped = "stopped by Ctrl+C"  # a live stream has no end: Ctrl+C is how it is stopped
+        except DataError as e:
+            failures.append(InputProblem(label, e.reason))
+            stopped = "failed"
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        if writer is not None and writer.frames:
+            pictures.append(target)
+        summaries.append(VideoSummary(label, frames, time.perf_counter() - start,
+                                      target if writer is not None and writer.frames else None, stopped))
+    return summaries
 
 
 def _round_record(record: dict[str, Any]) -> dict[str, Any]:
@@ -540,5 +757,6 @@ def explain(model: FocusDETR, image: Any, score_threshold: float = 0.3, max_dete
     return Explanation(figure, arrays, det)
 
 
-__all__ = ["IMAGE_EXTENSIONS", "InputProblem", "discover_images", "resolve_device", "load_model", "ImageResult",
+__all__ = ["IMAGE_EXTENSIONS", "InputProblem", "InputItem", "discover_images", "discover_inputs", "VideoSummary",
+           "predict_video", "resolve_device", "load_model", "ImageResult",
            "predict_images", "PredictionSummary", "category_mapping", "predict_to_folder", "Explanation", "explain"]

@@ -14,6 +14,7 @@ EXAMPLES = """\
 examples:
   focus-detr explain weights.pt photo.jpg --out runs/explain
   focus-detr explain --preset tiny --random-init photo.jpg --out runs/explain    # no weights: demo
+  focus-detr explain weights.pt https://example.com/street.jpg --out runs/explain # downloaded first
 
 writes runs/explain/explain.png (row 1: detections, foreground probability per feature level, share of
 tokens kept per layer; row 2: tokens kept by each encoder layer; row 3: the tokens of each layer's
@@ -30,7 +31,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         usage="focus-detr explain [options] (WEIGHTS | --preset P --random-init) IMAGE --out DIR",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="WEIGHTS IMAGE",
-                   help="weights file (ours, or an official checkpoint with --preset), then one image")
+                   help="weights file (ours, or an official checkpoint with --preset), then one image file or "
+                        "http(s) URL")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--score-threshold", type=unit_float, default=0.3,
                    help="draw detections with at least this score (default 0.3)")
@@ -50,9 +52,13 @@ def run(args: argparse.Namespace) -> int:
     weights, images = split_weights(args, args.paths, "IMAGE")
     if len(images) != 1:
         raise CLIError(f"explain takes one image, got {len(images)}: {' '.join(images)}")
-    image = Path(images[0])
-    if not image.is_file():
+    from ..ops.url_io import is_url, url_file_name
+
+    # A URL stays a string (Path() would collapse its "//"); explain() downloads it with a size limit.
+    image: str | Path = images[0] if is_url(images[0]) else Path(images[0])
+    if isinstance(image, Path) and not image.is_file():
         raise CLIError(f"{image}: no such image file")
+    name = url_file_name(image) if isinstance(image, str) else image.name
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -61,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {description} on {model.device}", file=sys.stderr)
     try:
         figure, arrays, detections = explain(model, image, score_threshold=args.score_threshold,
-                                             max_detections=args.max_detections, title=image.name,
+                                             max_detections=args.max_detections, title=name,
                                              width_inches=args.width)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

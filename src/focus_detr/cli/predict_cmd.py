@@ -1,4 +1,5 @@
-"""`focus-detr predict`: detect objects in image files, folders or glob patterns.
+"""`focus-detr predict`: detect objects in image and video files, folders, glob patterns, http(s) URLs and
+camera / RTSP streams.
 
 Also holds the model-selection options shared by ``explain`` and ``export`` (:func:`add_model_options`,
 :func:`model_from_args`): a weights file of ours, an official checkpoint with ``--preset``, or ``--preset P
@@ -17,12 +18,18 @@ examples:
   focus-detr predict weights.pt photos/ extra.jpg "more/**/*.png" --out runs/predict
   focus-detr predict r50_36ep.pth photos/ --preset r50_4scale --out runs/predict --device cuda --batch-size 8
   focus-detr predict --preset tiny --random-init photos/ --out runs/smoke      # no weights: smoke test
+  focus-detr predict weights.pt https://example.com/street.jpg --out runs/url   # downloaded first
+  focus-detr predict weights.pt clip.mp4 --out runs/video --frame-step 2        # needs focus-detr[video]
+  focus-detr predict weights.pt rtsp://camera.local/stream camera:0 --max-frames 300 --out runs/live
 
 writes runs/predict/results.json (COCO results format), runs/predict/images.json (COCO images +
 categories, so COCO("images.json").loadRes("results.json") works; "failed" lists unreadable inputs) and
-runs/predict/annotated/<name> (each picture at its own size with its detections drawn).
+runs/predict/annotated/<name> (each picture with its detections drawn; a legend strip is added below when
+some labels do not fit on the picture) and runs/predict/annotated/<video>.mp4 for each video or stream (its
+frames are images.json entries with "video" and "frame_index"; results carry "frame_index" too).
+URLs are downloaded into runs/predict/downloads/ first; live streams run until --max-frames or Ctrl+C.
 Exit code 0 if every input was read, 1 if any failed (the rest are still processed), 2 on usage errors,
-130 on Ctrl-C (after writing the results of the images done).
+130 on Ctrl-C (after writing the results of the inputs done).
 """
 
 
@@ -76,6 +83,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def unit_float(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -86,12 +100,14 @@ def unit_float(text: str) -> float:
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "predict", help="detect objects in images; writes annotated pictures and COCO-format results",
-        description="Detect objects in image files, folders (searched recursively) and glob patterns. "
-                    "Unreadable files are reported and skipped.",
+        description="Detect objects in image and video files, folders (searched recursively), glob patterns, "
+                    "http(s) URLs and camera / stream sources (camera:N, rtsp://...). Unreadable inputs are "
+                    "reported and skipped.",
         usage="focus-detr predict [options] (WEIGHTS | --preset P --random-init) INPUT [INPUT ...] --out DIR",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="WEIGHTS INPUT",
-                   help="weights file (ours, or an official checkpoint with --preset), then images, folders or globs")
+                   help="weights file (ours, or an official checkpoint with --preset), then images, videos, folders, "
+                        "globs, http(s) URLs, camera:N or rtsp:// streams")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="images per forward pass (default 1)")
     p.add_argument("--score-threshold", type=unit_float, default=0.3,
@@ -104,28 +120,40 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--categories", metavar="COCO.json", default=None,
                    help="map labels to this COCO annotation file's category ids by name (default: category id = "
                         "contiguous label)")
-    p.add_argument("--no-draw", action="store_true", help="do not write annotated pictures")
+    p.add_argument("--no-draw", action="store_true", help="do not write annotated pictures / videos")
+    p.add_argument("--frame-step", type=positive_int, default=1,
+                   help="videos and streams: predict every N-th frame (default 1: all)")
+    p.add_argument("--max-frames", type=positive_int, default=None,
+                   help="videos and streams: stop after this many predicted frames per input (default: all; "
+                        "a live stream otherwise runs until Ctrl+C)")
+    p.add_argument("--max-download-mb", type=positive_float, default=200.0,
+                   help="URLs: refuse downloads larger than this (default 200)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_options(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..inference import discover_images, predict_to_folder
+    from ..inference import discover_inputs, predict_to_folder
     from .main import CLIError
 
     weights, inputs = split_weights(args, args.paths, "INPUT ...")
     check_output_folder(args.out)
-    paths, problems = discover_images(inputs)
-    if not paths:
+    items, problems = discover_inputs(inputs)
+    if not items:
         detail = "\n  ".join(str(p) for p in problems)
-        raise CLIError(f"no images found in the inputs:\n  {detail}")
+        raise CLIError(f"no images or videos found in the inputs:\n  {detail}")
+    _check_video_support(items)
     model, description = model_from_args(args, weights)
-    print(f"model: {description} on {model.device}; {len(paths)} image(s)", file=sys.stderr)
+    counts = {kind: sum(it.kind == kind for it in items) for kind in ("image", "video", "url", "stream")}
+    found = ", ".join(f"{n} {kind}(s)" for kind, n in counts.items() if n)
+    print(f"model: {description} on {model.device}; {found}", file=sys.stderr)
     summary = predict_to_folder(
         model, inputs, args.out, batch_size=args.batch_size, score_threshold=args.score_threshold,
         max_detections=args.max_detections, draw=not args.no_draw, draw_threshold=args.draw_threshold,
-        categories_file=args.categories, progress=not args.quiet, model_description=description)
+        categories_file=args.categories, progress=not args.quiet, model_description=description,
+        frame_step=args.frame_step, max_frames=args.max_frames,
+        max_download_bytes=int(args.max_download_mb * 1e6))
     if summary.interrupted_by is not None:
         # Ctrl-C / SIGTERM: what was done is written; say so in one line and exit like an interrupted command.
         print(f"interrupted after {summary.num_images} of {summary.num_inputs} image(s): results so far in "
@@ -134,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
     per_image = summary.seconds / max(summary.num_images, 1)
     print(f"{summary.num_images} image(s), {summary.num_detections} detection(s) in {summary.seconds:.1f} s "
           f"({per_image:.2f} s/image)")
+    for video in summary.videos:
+        print(f"video:    {video}")
     print(f"results:  {summary.results_file}")
     print(f"images:   {summary.images_file}")
     if summary.pictures:
@@ -142,3 +172,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {summary.error_summary()}", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_video_support(items) -> None:
+    """Videos or streams without PyAV: say so once, up front (the images are still processed)."""
+    if any(it.kind in ("video", "stream") for it in items):
+        from ..video import INSTALL_HINT
+        import importlib.util
+
+        if importlib.util.find_spec("av") is None:
+            print(f"note: {INSTALL_HINT} (videos and streams among the inputs are skipped and listed as failed)",
+                  file=sys.stderr)

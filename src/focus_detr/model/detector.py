@@ -225,7 +225,16 @@ class FocusDETR(nn.Module):
             targets: training targets (``labels [n]``, ``boxes [n, 4]`` cxcywh normalised); used for denoising
                      queries in training mode only.
             policy:  decision policy (default: plain top-k in official mode, stable top-k in batch-invariant mode).
+
+        Convenience: anything else :meth:`predict` takes (a path, an http(s) URL, a PIL image, an array, or
+        a list of them) is passed to :meth:`predict`, so ``model("photo.jpg")`` returns its
+        :class:`Detections` (a list for a list).
         """
+        if not isinstance(batch, ImageBatch):
+            if targets is not None or policy is not None:
+                raise TypeError("targets / policy need an ImageBatch (model.batch(...)); for images call "
+                                "model(images) or model.predict(images, ...)")
+            return self.predict(batch)  # type: ignore[return-value]
         policy = policy or self.default_policy
         cfg = self.cfg
         self._mark("backbone")
@@ -357,7 +366,8 @@ class FocusDETR(nn.Module):
     @torch.no_grad()
     def predict(self, images, score_threshold: float = 0.0, max_detections: int | None = None,
                 batch_size: int = 1) -> list[Detections]:
-        """Detect objects in PIL images, numpy arrays (HW, HWC; uint8/uint16/float) or image file paths.
+        """Detect objects in PIL images, numpy arrays (HW, HWC; uint8/uint16/float), image file paths or
+        http(s) URLs (downloaded to a temporary file, :func:`focus_detr.ops.url_io.download_url`).
 
         Applies the official test-time resize (shorter side ``cfg.test_short_side``, longer side at most
         ``cfg.test_max_size``) and normalisation; returns one :class:`Detections` per image, boxes in pixels

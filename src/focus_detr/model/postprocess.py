@@ -41,6 +41,16 @@ class Detections:
                             "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)})
         return records
 
+    def plot(self, image, score_threshold: float = 0.3, legend: bool = True):
+        """``image`` (path, PIL image, array or tensor, as :meth:`FocusDETR.predict` takes) with these
+        detections drawn, as a new RGB ``PIL.Image``; see :func:`focus_detr.draw_detections` (tags that do
+        not fit go to a legend strip below the picture unless ``legend=False``)."""
+        from ..ops.image_io import to_rgb_array
+        from ..viz.draw import draw_detections  # lazy: the model package never needs viz to load
+
+        # Read as predict reads it (EXIF orientation applied), so the boxes land where predict saw them.
+        return draw_detections(to_rgb_array(image), self, score_threshold=score_threshold, legend=legend)
+
     def to_supervision(self):  # pragma: no cover - optional dependency
         """Convert to ``supervision.Detections`` (needs the optional ``supervision`` package)."""
         try:

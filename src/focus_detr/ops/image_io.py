@@ -34,6 +34,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DataError, DataWarning
+from .url_io import download_url, is_url
 
 # Decompression-bomb guard: images with more pixels are refused before decoding. 100 M pixels is a
 # 10000 x 10000 image, 300 MB as RGB uint8 -- far larger than any detection input (COCO images are
@@ -101,12 +102,27 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, alpha: str 
             raise DataError(f"cannot decode image ({type(e).__name__}: {msg})", p) from e
 
 
+def load_image_url(url: str, alpha: str = "composite") -> np.ndarray:
+    """Download ``url`` (:func:`~focus_detr.ops.url_io.download_url`: timeout, size limit) and read it as
+    :func:`load_image` does; the temporary file is removed afterwards. Errors name the URL, not the file."""
+    import shutil
+
+    path = download_url(url)
+    try:
+        return load_image(path, alpha=alpha)
+    except DataError as e:
+        raise DataError(e.reason, url) from None
+    finally:
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
 def to_rgb_array(obj: "Image.Image | np.ndarray | torch.Tensor | str | Path",
                  alpha: str = "composite") -> np.ndarray:
     """Turn an image into an ``[H, W, 3]`` uint8 RGB array (a new, writable array).
 
     Accepts:
         * a file path (``str`` / ``Path``): read with :func:`load_image`;
+        * an ``http(s)://`` URL (``str``): downloaded to a temporary file (:func:`load_image_url`);
         * a PIL image of any mode (EXIF orientation applied, as :func:`load_image`);
         * a numpy array ``[H, W]``, ``[H, W, 1]``, ``[H, W, 3]`` (RGB) or ``[H, W, 4]`` (RGBA), of dtype
           bool, uint8, any other integer type or float (scaled by the rules in the module docstring);
@@ -115,6 +131,8 @@ def to_rgb_array(obj: "Image.Image | np.ndarray | torch.Tensor | str | Path",
     Raises:
         DataError: for other shapes, empty images and unsupported dtypes.
     """
+    if isinstance(obj, str) and is_url(obj):  # before any Path(): it would collapse "//"
+        return load_image_url(obj, alpha=alpha)
     if isinstance(obj, (str, Path)):
         return load_image(obj, alpha=alpha)
     if isinstance(obj, Image.Image):

@@ -111,21 +111,68 @@ def default_line_width(width: int, height: int) -> int:
 
 
 def default_font_size(width: int, height: int) -> int:
-    """Tag font size: at least 10 px (smaller stops being legible), ~19 px at 1333x800."""
-    return max(10, round(math.sqrt(width * height) / 55))
+    """Tag font size, relative to the image: ~19 px at 1333x800, never below 9 px (smaller is not legible)."""
+    return max(9, round(math.sqrt(width * height) / 55))
+
+
+#: A tag may be at most this share of the image's width / height; bigger tags (small images) go to the legend.
+MAX_TAG_WIDTH_SHARE = 0.6
+MAX_TAG_HEIGHT_SHARE = 0.2
+#: Detections listed in a legend at most (the rest are summed up in one line).
+MAX_LEGEND_ENTRIES = 24
+
+
+def detection_arrays(detections: Any, scores: Any = None, labels: Any = None,
+                     class_names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """``(boxes [K, 4] float64, scores [K], labels [K] int64, names [K])`` from any of:
+
+    * a :class:`focus_detr.Detections` (or anything with ``boxes``, ``scores``, ``labels``, ``names``);
+    * a ``supervision.Detections`` (``xyxy``, ``confidence``, ``class_id``);
+    * ``boxes, scores, labels`` given separately (tensors, arrays or lists), names from ``class_names``.
+    """
+    names: list[str] | None = None
+    if scores is None and labels is None and hasattr(detections, "xyxy"):  # supervision.Detections
+        boxes, scores, labels = detections.xyxy, detections.confidence, detections.class_id
+        if scores is None:
+            scores = np.ones(len(boxes))
+        data = getattr(detections, "data", {}) or {}
+        if "class_name" in data and class_names is None:
+            names = [str(n) for n in data["class_name"]]
+    elif scores is None and labels is None and hasattr(detections, "boxes") and hasattr(detections, "scores"):
+        boxes, scores, labels = detections.boxes, detections.scores, detections.labels
+        if class_names is None and getattr(detections, "names", None) is not None:
+            names = [str(n) for n in detections.names]
+    elif scores is None or labels is None:
+        raise TypeError("pass a Detections object, or boxes, scores and labels")
+    else:
+        boxes = detections
+    boxes_np = _to_numpy(boxes).astype(np.float64).reshape(-1, 4)
+    scores_np = _to_numpy(scores).astype(np.float64).reshape(-1)
+    labels_np = _to_numpy(labels).astype(np.int64).reshape(-1)
+    if not (len(boxes_np) == len(scores_np) == len(labels_np)) or (names is not None and len(names) != len(boxes_np)):
+        lengths = (len(boxes_np), len(scores_np), len(labels_np))
+        raise ValueError(f"boxes, scores and labels must have the same length, got {lengths}")
+    if names is None:
+        names = [class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(int(c))
+                 for c in labels_np.tolist()]
+    return boxes_np, scores_np, labels_np, names
 
 
 def draw_detections(
     image: Image.Image | np.ndarray,
-    boxes: Any,
-    scores: Any,
-    labels: Any,
+    detections: Any,
+    scores: Any = None,
+    labels: Any = None,
     class_names: Sequence[str] | None = None,
     score_threshold: float = 0.0,
     line_width: int | None = None,
     font_size: int | None = None,
+    legend: bool = True,
 ) -> Image.Image:
-    """Draw boxes with "name score" tags; returns a new RGB image of the input's size.
+    """Draw boxes with "name score" tags placed so that they do not overlap; returns a new RGB image.
+
+    Call it as ``draw_detections(image, detections)`` with a :class:`focus_detr.Detections` (or a
+    ``supervision.Detections``), or as ``draw_detections(image, boxes, scores, labels, class_names)``:
 
     image:           PIL image (any mode) or array / tensor ``[H, W]``, ``[H, W, C]`` or ``[C, H, W]``.
     boxes:           ``[K, 4]`` ``(x0, y0, x1, y1)`` in pixels of ``image`` (tensor or array).
@@ -133,60 +180,154 @@ def draw_detections(
     labels:          ``[K]`` integer class ids; the colour is ``class_color(label)``.
     class_names:     name of each class id; ids outside it are written as numbers.
     score_threshold: detections with ``score < score_threshold`` are not drawn.
-    line_width / font_size: override the size-dependent defaults.
+    line_width / font_size: override the defaults, which follow the image size.
+    legend:          see below; False always keeps the input's size.
 
-    The input is never modified. With no detection left, the result is an RGB copy of the input.
+    Tags are placed most confident first, each at the first free place among: above the box, inside its
+    top edge, below it, inside its bottom edge (left-aligned, then right-aligned), never over an earlier
+    tag. A detection whose tag finds no free place, or whose tag would cover too much of a small image
+    (more than 60 % of its width or 20 % of its height), gets a small number on its box instead, and is
+    listed with that number in a legend strip added *below* the picture (the result is then taller than
+    the input, and at least as wide as one legend entry). With ``legend=False`` those boxes keep only
+    their class colour. The input is never modified.
     """
     canvas = to_pil_rgb(image)
     width, height = canvas.size
-    boxes_np = _to_numpy(boxes).astype(np.float64).reshape(-1, 4)
-    scores_np = _to_numpy(scores).astype(np.float64).reshape(-1)
-    labels_np = _to_numpy(labels).astype(np.int64).reshape(-1)
-    if not (len(boxes_np) == len(scores_np) == len(labels_np)):
-        lengths = (len(boxes_np), len(scores_np), len(labels_np))
-        raise ValueError(f"boxes, scores and labels must have the same length, got {lengths}")
+    boxes_np, scores_np, labels_np, names = detection_arrays(detections, scores, labels, class_names)
     keep = (scores_np >= score_threshold) & np.isfinite(boxes_np).all(axis=1) & np.isfinite(scores_np)
     if not keep.any():
         return canvas
-    # Lowest score first, so the most confident boxes and tags end up on top.
-    order = np.argsort(scores_np[keep], kind="stable")
-    boxes_np, scores_np, labels_np = boxes_np[keep][order], scores_np[keep][order], labels_np[keep][order]
+    # Most confident first: they get the best tag places, and are drawn last (on top).
+    order = np.flatnonzero(keep)[np.argsort(-scores_np[keep], kind="stable")]
 
     lw = line_width if line_width is not None else default_line_width(width, height)
     font = load_font(font_size if font_size is not None else default_font_size(width, height))
     draw = ImageDraw.Draw(canvas)
-    for (x0, y0, x1, y1), score, label in zip(boxes_np, scores_np, labels_np):
+    clipped = {}
+    for i in order:
         # Clip to the image and normalise the corner order, so odd boxes never raise or vanish.
+        x0, y0, x1, y1 = boxes_np[i]
         x0, x1 = sorted((min(max(x0, 0.0), width - 1.0), min(max(x1, 0.0), width - 1.0)))
         y0, y1 = sorted((min(max(y0, 0.0), height - 1.0), min(max(y1, 0.0), height - 1.0)))
-        color = class_color(int(label))
-        draw.rectangle((x0, y0, x1, y1), outline=color, width=lw)
+        clipped[i] = (x0, y0, x1, y1)
+    for i in order[::-1]:  # least confident drawn first, so the best boxes end up on top
+        draw.rectangle(clipped[i], outline=class_color(int(labels_np[i])), width=lw)
 
-        name = class_names[label] if class_names is not None and 0 <= label < len(class_names) else str(int(label))
-        _draw_tag(draw, f"{name} {score:.2f}", (x0, y0, x1, y1), color, font, width, height)
-    return canvas
+    texts = [f"{names[i]} {scores_np[i]:.2f}" for i in order]
+    placed: list[tuple[float, float, float, float]] = []
+    spots = place_tags([clipped[i] for i in order], [_tag_size(draw, t, font) for t in texts], width, height, placed)
+    tags = [(i, t, spot) for i, t, spot in zip(order, texts, spots) if spot is not None]
+    untagged = [i for i, spot in zip(order, spots) if spot is None]
+    numbers: list[tuple[int, str, tuple[float, float]]] = []
+    if untagged and legend:
+        small = load_font(max(7, round(font.size * 0.8)) if hasattr(font, "size") else 10)
+        for n, i in enumerate(untagged[:MAX_LEGEND_ENTRIES], start=1):
+            size = _tag_size(draw, str(n), small)
+            spot = _free_spot(clipped[i], size, placed, width, height, inside_first=True)
+            spot = spot if spot is not None else (clipped[i][0], clipped[i][1])  # crowded: on the corner anyway
+            placed.append((*spot, spot[0] + size[0], spot[1] + size[1]))
+            numbers.append((i, str(n), spot))
+    for i, text, spot in tags[::-1]:
+        _draw_tag(draw, text, spot, class_color(int(labels_np[i])), font)
+    for i, text, spot in numbers[::-1]:
+        _draw_tag(draw, text, spot, class_color(int(labels_np[i])), small)
+    if not (untagged and legend):
+        return canvas
+    entries = [(f"{n}  {names[i]} {scores_np[i]:.2f}", class_color(int(labels_np[i])))
+               for n, i in enumerate(untagged[:MAX_LEGEND_ENTRIES], start=1)]
+    if len(untagged) > MAX_LEGEND_ENTRIES:
+        rest = untagged[MAX_LEGEND_ENTRIES:]
+        entries.append((f"+ {len(rest)} more (scores {scores_np[rest].min():.2f}-{scores_np[rest].max():.2f})",
+                        (128, 128, 128)))
+    return _add_legend(canvas, entries)
 
 
-def _draw_tag(
-    draw: ImageDraw.ImageDraw,
-    text: str,
-    box: tuple[float, float, float, float],
-    color: tuple[int, int, int],
-    font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
-    width: int,
-    height: int,
-) -> None:
-    """A filled tag with ``text``, sitting on the box's top edge, moved so that it stays in the image."""
+def place_tags(boxes: Sequence[tuple[float, float, float, float]], sizes: Sequence[tuple[float, float]],
+               width: float, height: float, placed: list[tuple[float, float, float, float]] | None = None,
+               max_width_share: float = MAX_TAG_WIDTH_SHARE,
+               max_height_share: float = MAX_TAG_HEIGHT_SHARE) -> list[tuple[float, float] | None]:
+    """Where each box's tag goes: its top-left corner, or None when it has no free place.
+
+    boxes:  ``(x0, y0, x1, y1)`` inside a ``width x height`` image, in priority order (most confident first).
+    sizes:  ``(w, h)`` of each tag, same units.
+    placed: rectangles already taken (extended with the tags placed here).
+    A tag larger than ``max_width_share`` of the width or ``max_height_share`` of the height gets None
+    (it would cover too much of a small image). Placed tags lie inside the image and never overlap.
+    """
+    placed = [] if placed is None else placed
+    spots: list[tuple[float, float] | None] = []
+    for box, (tw, th) in zip(boxes, sizes):
+        too_big = tw > max_width_share * width or th > max_height_share * height
+        spot = None if too_big else _free_spot(box, (tw, th), placed, width, height)
+        if spot is not None:
+            placed.append((spot[0], spot[1], spot[0] + tw, spot[1] + th))
+        spots.append(spot)
+    return spots
+
+
+def _tag_size(draw: ImageDraw.ImageDraw, text: str, font: Any) -> tuple[int, int]:
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    text_w, text_h = right - left, bottom - top
-    pad = max(1, round(text_h * 0.25))
-    tag_w, tag_h = text_w + 2 * pad, text_h + 2 * pad
-    x0, y0, _, _ = box
-    # Above the box when there is room (keeps the object visible), else just inside its top edge.
-    ty = y0 - tag_h if y0 - tag_h >= 0 else y0
-    # Keep it inside the image; a tag wider/taller than a tiny image is pinned to the top-left corner.
-    tx = min(max(x0, 0.0), max(width - tag_w, 0))
-    ty = min(max(ty, 0.0), max(height - tag_h, 0))
-    draw.rectangle((tx, ty, tx + tag_w - 1, ty + tag_h - 1), fill=color)
+    pad = max(1, round((bottom - top) * 0.25))
+    return right - left + 2 * pad, bottom - top + 2 * pad
+
+
+def _overlaps(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _free_spot(box: tuple[float, float, float, float], size: tuple[int, int],
+               placed: Sequence[tuple[float, float, float, float]], width: int, height: int,
+               inside_first: bool = False) -> tuple[float, float] | None:
+    """Top-left corner of the first candidate place for a ``size`` tag that lies inside the image and
+    overlaps no ``placed`` tag, or None. Candidates: above the box, inside its top edge, below it, inside
+    its bottom edge; each left-aligned, then right-aligned (``inside_first``: inside places first)."""
+    x0, y0, x1, y1 = box
+    tw, th = size
+    rows = [y0 - th, y0, y1 + 1, y1 - th + 1]
+    if inside_first:
+        rows = [y0, y1 - th + 1, y0 - th, y1 + 1]
+    for ty in rows:
+        for tx in (x0, x1 - tw + 1):
+            tx = min(max(tx, 0.0), width - tw)  # slide along the edge to stay inside the image
+            if ty < 0 or ty + th > height or tx < 0:
+                continue
+            rect = (tx, ty, tx + tw, ty + th)
+            if not any(_overlaps(rect, other) for other in placed):
+                return tx, ty
+    return None
+
+
+def _draw_tag(draw: ImageDraw.ImageDraw, text: str, spot: tuple[float, float], color: tuple[int, int, int],
+              font: Any) -> None:
+    """A filled tag with ``text`` whose top-left corner is ``spot``."""
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    pad = max(1, round((bottom - top) * 0.25))
+    tx, ty = spot
+    draw.rectangle((tx, ty, tx + right - left + 2 * pad - 1, ty + bottom - top + 2 * pad - 1), fill=color)
     # textbbox is relative to the anchor and can start below/right of it (font ascent), hence -left/-top.
     draw.text((tx + pad - left, ty + pad - top), text, fill=_text_color(color), font=font)
+
+
+def _add_legend(picture: Image.Image, entries: Sequence[tuple[str, tuple[int, int, int]]]) -> Image.Image:
+    """``picture`` with a white strip below listing ``entries`` (text, colour) in as many columns as fit."""
+    font = load_font(max(11, default_font_size(*picture.size) - 2))
+    probe = ImageDraw.Draw(picture)
+    sizes = [_tag_size(probe, text, font) for text, _ in entries]
+    swatch = max(h for _, h in sizes)
+    cell_w = max(w for w, _ in sizes) + swatch + 12
+    line_h = swatch + 4
+    columns = max(1, (picture.width - 8) // cell_w)
+    if -(-len(entries) // columns) > 8:  # a narrow picture with a long list: widen rather than grow very tall
+        columns = max(columns, min(3, -(-len(entries) // 8)))
+    width = max(picture.width, columns * cell_w + 8)
+    rows = -(-len(entries) // columns)
+    out = Image.new("RGB", (width, picture.height + rows * line_h + 8), (255, 255, 255))
+    out.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for k, ((text, color), _) in enumerate(zip(entries, sizes)):
+        x = 4 + (k // rows) * cell_w
+        y = picture.height + 4 + (k % rows) * line_h
+        draw.rectangle((x, y + 2, x + swatch - 4, y + swatch - 2), fill=color)
+        left, top, _, _ = draw.textbbox((0, 0), text, font=font)
+        draw.text((x + swatch - left, y + 2 - top + 1), text, fill=(0, 0, 0), font=font)
+    return out

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -244,18 +245,72 @@ def explain_arrays(
     return out
 
 
+def kept_share_map(level_masks: Sequence[np.ndarray], valid_masks: Sequence[np.ndarray],
+                   strides: Sequence[int]) -> tuple[np.ndarray, int]:
+    """Per place, the share of its tokens that are kept, counting every token once (fine levels weigh more).
+
+    level_masks: per level ``[H_l, W_l]`` bool (finest first), True on kept tokens.
+    valid_masks: per level ``[H_l, W_l]`` bool, True on tokens inside the image (:func:`valid_token_maps`).
+    strides:     stride of each level in canvas pixels.
+    Returns ``(share, cell)``: ``share`` is ``[R, C]`` float in ``[0, 1]`` on a grid of ``cell x cell`` canvas
+    pixels (``cell`` = the finest stride), NaN where no valid token covers the place.
+
+    A level-``l`` token covers ``(s_l / cell)^2`` grid cells, so it adds ``(cell / s_l)^2`` to each: summed
+    over the grid, the numerator counts the kept tokens and the denominator the valid ones. The map's mean
+    over the image is therefore the layer's share of kept tokens -- a layer keeping 30 % of its tokens
+    looks 30 % covered, however many coarse tokens it keeps (the "finest level" colouring of
+    :func:`finest_level_map` paints a whole coarse cell for one kept token and overstates coverage).
+    """
+    cell = int(np.gcd.reduce(np.asarray(strides, dtype=np.int64)))
+    rows = min(m.shape[0] * s for m, s in zip(level_masks, strides)) // cell
+    cols = min(m.shape[1] * s for m, s in zip(level_masks, strides)) // cell
+    kept = np.zeros((rows, cols), dtype=np.float64)
+    total = np.zeros((rows, cols), dtype=np.float64)
+    for mask, valid, s in zip(level_masks, valid_masks, strides):
+        weight = (cell / float(s)) ** 2
+        r = np.minimum(np.arange(rows) * cell // int(s), mask.shape[0] - 1)
+        c = np.minimum(np.arange(cols) * cell // int(s), mask.shape[1] - 1)
+        v = valid[r[:, None], c[None, :]]
+        kept += weight * (mask[r[:, None], c[None, :]] & v)
+        total += weight * v
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(total > 0, kept / np.maximum(total, 1e-12), np.nan)
+    return share, cell
+
+
 def _new_figure(figsize: tuple[float, float]) -> "Figure":
     """A matplotlib figure drawn by Agg, made without pyplot.
 
     Going around pyplot means no display is ever needed, the caller's backend (e.g. a notebook's) is
     left alone, and figures are not kept alive by pyplot's registry when explaining many images.
+    Axes are placed by hand (in inches, see :func:`explain_figure`), so no layout engine is involved and
+    extreme aspect ratios cannot make one give up with a warning.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=figsize, layout="constrained")
+    fig = Figure(figsize=figsize)
     FigureCanvasAgg(fig)
     return fig
+
+
+# Layout constants of the explain figure, in inches.
+_GAP = 0.15  # between panels and around the figure
+_PANEL_TITLE = 0.3  # above each panel
+_MIN_PANEL_H = 1.1  # panels of very wide pictures get fewer per line instead of getting flatter
+_MAX_PANEL_H = 4.5  # very tall pictures: narrower panels instead of taller ones
+_MIN_CELL_W = 1.6  # a narrow panel still gets this much width, so that titles never run into each other
+_CAPTION_FONT = 9.5
+_KEPT_COLOR = "#ffd21f"  # kept-token share: one bright hue whose opacity is the share
+
+
+@dataclass
+class _Panel:
+    kind: str  # "image", "levels", "summary", "layers", "oesm"
+    title: str
+    width: float
+    height: float
+    draw: Any  # callable(ax)
 
 
 def explain_figure(
@@ -278,7 +333,7 @@ def explain_figure(
     """One figure explaining where Focus-DETR looks, for one image.
 
     image:             the picture to draw on (any size: the network input or the original photo).
-    foreground_logits: ``[N]`` raw foreground logits, or None (dense mode: no score row panels).
+    foreground_logits: ``[N]`` raw foreground logits, or None (dense mode: no foreground panels).
     spatial_shapes:    ``[L, 2]`` ``(H_l, W_l)`` of the feature levels, finest first.
     selected_indices:  per encoder layer, ``[K_k]`` token ids updated by that layer.
     oesm_indices:      per encoder layer, ``[M]`` token ids of the object self-attention; empty -> no row 3.
@@ -289,14 +344,20 @@ def explain_figure(
     strides:           stride of each level; default 8, 16, 32, 64.
     score_threshold / max_detections: which detections are drawn (most confident first).
 
-    Layout: row 1 = the image with detections, the foreground probability of each level over the image
-    (shared colour bar), and a small chart of the share of each level's tokens kept per layer; row 2 =
-    the tokens kept by each encoder layer over a darkened image, each place coloured by the finest level
-    that kept a token there; row 3 = the OESM tokens of each layer, drawn the same way. Percentages are
-    of the tokens inside the un-padded image. Titles number encoder layers from 1. ``fig.focus_detr_panels`` gives the
-    number of panels of each kind: ``{"image", "levels", "summary", "layers", "oesm"}``.
+    Rows, each with a caption in plain words: (1) the detections and, per feature-map resolution, the
+    foreground score of every place (shared colour bar); (2) per encoder layer, the share of each place's
+    tokens that the layer updates (opacity = share, so the coloured area matches the percentage in the
+    title), and a chart of the share kept per resolution; (3) per layer, one dot per token of the
+    object-enhanced self-attention, coloured by resolution. Only panels with content are made: a 2-layer
+    model gets 2 panels per layer row. Panels keep the picture's aspect ratio; very wide pictures get fewer
+    panels per line (rows wrap), very tall ones narrower panels. Percentages are of the tokens inside the
+    un-padded image; layers are numbered from 1. ``fig.focus_detr_panels`` counts the panels of each kind
+    (``{"image", "levels", "summary", "layers", "oesm"}``); each panel's axes has the label
+    ``"panel:<kind>"``.
     """
-    from matplotlib.patches import Patch
+    import textwrap
+
+    from matplotlib.lines import Line2D
 
     shapes = _shapes(spatial_shapes)
     num_levels = len(shapes)
@@ -316,38 +377,35 @@ def explain_figure(
         pil = pil.resize((max(1, round(disp_w * shrink)), max(1, round(disp_h * shrink))), Image.BILINEAR)
     rgb = np.asarray(pil, dtype=np.float32) / 255.0
     gray = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    dimmed = np.repeat((0.15 + 0.35 * gray)[..., None], 3, axis=2)  # dark gray photo: colours pop on it
     # Network-input pixels -> displayed-picture pixels (the picture shows exactly the un-padded input).
     sx, sy = disp_w / img_w, disp_h / img_h
     extent_img = (0.0, float(disp_w), float(disp_h), 0.0)
-
     n_layers, n_oesm = len(selected_indices), len(oesm_indices)
     has_scores = foreground_logits is not None
-    n_summary = 1 if n_layers else 0
-    row1 = 1 + (num_levels if has_scores else 0) + n_summary
-    ncols = max(row1, n_layers, n_oesm, 1)
-    nrows = 1 + (1 if n_layers else 0) + (1 if n_oesm else 0)
+    valid_total = max(int(data["valid_count"]), 1)
+    valid_maps = [data[f"valid_level{level}"] for level in range(num_levels)]
 
-    # Panel height follows the picture's aspect ratio; ~0.35 in per row for titles, more for the colour
-    # bar under row 1 and the legend under the last row.
-    panel_w = (width_inches - 0.1 * ncols) / ncols  # minus the small gaps constrained layout leaves
-    panel_h = panel_w * disp_h / disp_w
-    heights = [panel_h + 0.35 + (0.5 if has_scores else 0.0)] + [panel_h + 0.35] * (nrows - 1)
-    if nrows > 1:
-        heights[-1] += 0.45
-    fig = _new_figure((width_inches, sum(heights) + (0.4 if title else 0.0)))
-    # One sub-figure per row: each row is laid out on its own, so the colour bar and the summary chart's
-    # axis labels in row 1 cannot push the columns of the token rows out of line.
-    subfigs = fig.subfigures(nrows, 1, height_ratios=heights, squeeze=False)[:, 0]
-    grids = [sf.add_gridspec(1, ncols) for sf in subfigs]
+    # ---- panel size: keep the picture's aspect ratio, wrap lines for panoramas --------------------------
+    aspect = disp_w / disp_h
+    per_row = max(1 + (num_levels if has_scores else 0), n_layers + (1 if n_layers else 0), n_oesm, 1)
+    usable = width_inches - _GAP
+    cols = per_row
+    panel_w = usable / cols - _GAP
+    if panel_w / aspect < _MIN_PANEL_H:
+        cols = max(1, min(per_row, int(usable // (_MIN_PANEL_H * aspect + _GAP))))
+        panel_w = usable / cols - _GAP
+    panel_h = panel_w / aspect
+    if panel_h > _MAX_PANEL_H:
+        panel_h = _MAX_PANEL_H
+        panel_w = panel_h * aspect
+    pt_per_px = panel_w * 72.0 / disp_w  # typographic points per displayed pixel
 
-    def image_axes(row: int, col: int, panel_title: str):
-        ax = subfigs[row].add_subplot(grids[row][0, col])
-        ax.set_xlim(0, disp_w)
-        ax.set_ylim(disp_h, 0)  # crops away the padded canvas: only the un-padded image is visible
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(panel_title, fontsize=9)
-        return ax
+    def level_name(level: int) -> str:
+        return f"{level_s[level]}-px cells"
+
+    def show_image(ax, picture, cmap=None) -> None:
+        ax.imshow(picture, extent=extent_img, interpolation="bilinear", cmap=cmap, vmin=0, vmax=1)
 
     def cell_extent(level: int) -> tuple[float, float, float, float]:
         # A level-l token (row, col) covers [col*s, (col+1)*s) x [row*s, (row+1)*s) canvas pixels.
@@ -355,85 +413,192 @@ def explain_figure(
         s = level_s[level]
         return (0.0, w_l * s * sx, h_l * s * sy, 0.0)
 
-    # ---- row 1: detections, per-level foreground probability, summary chart --------------------------
-    ax = image_axes(0, 0, "detections" if detections is not None else "image")
-    ax.imshow(rgb, extent=extent_img, interpolation="bilinear")
-    if detections is not None:
-        # Panels are ~panel_w inches wide (constrained layout trims a little): pixels per point from that.
-        _draw_detection_patches(ax, detections, class_names, score_threshold, max_detections, disp_w / (panel_w * 72.0))
+    # ---- the panels of each row ---------------------------------------------------------------------------
+    sections: list[tuple[str, list[_Panel], str | None]] = []  # (caption, panels, footer kind)
+    drawn = _drawable_detections(detections, score_threshold, max_detections) if detections is not None else None
 
+    def draw_detections_panel(ax) -> None:
+        show_image(ax, rgb)
+        if drawn is None:
+            return
+        unlabelled = _draw_detection_patches(ax, drawn, class_names, pt_per_px, disp_w, disp_h)
+        if not len(drawn[0]):
+            ax.text(0.5, 0.5, f"no detections with\nscore \u2265 {score_threshold:.2f}", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=9, color="black",
+                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 3})
+        elif unlabelled:
+            ax.text(0.01, 0.01, f"{unlabelled} not labelled", transform=ax.transAxes,
+                    ha="left", va="bottom", fontsize=6.5, bbox={"facecolor": "white", "edgecolor": "none",
+                                                               "alpha": 0.8, "pad": 1.5})
+
+    found = "image"
+    if drawn is not None:
+        n = len(drawn[0])
+        found = f"{n} detection{'s' if n != 1 else ''} (score \u2265 {score_threshold:.2f})"
+    row1 = [_Panel("image", found, panel_w, panel_h, draw_detections_panel)]
+    score_images: list[Any] = []
     if has_scores:
-        level_axes = []
-        score_image = None
         for level in range(num_levels):
+            def draw_level(ax, level=level) -> None:
+                show_image(ax, gray, cmap="gray")  # gray photo under a colour map: colour only means "score"
+                score_images.append(ax.imshow(data[f"foreground_prob_level{level}"], cmap=SCORE_CMAP, vmin=0.0,
+                                              vmax=1.0, alpha=0.7, extent=cell_extent(level), interpolation="nearest"))
             h_l, w_l = shapes[level]
-            ax = image_axes(0, 1 + level, f"foreground prob., stride {level_s[level]} ({h_l}\u00d7{w_l})")
-            # Grayscale photo under a colour heatmap: colour then only ever means "score".
-            ax.imshow(gray, cmap="gray", vmin=0, vmax=1, extent=extent_img, interpolation="bilinear")
-            score_image = ax.imshow(
-                data[f"foreground_prob_level{level}"], cmap=SCORE_CMAP, vmin=0.0, vmax=1.0, alpha=0.7,
-                extent=cell_extent(level), interpolation="nearest",
-            )  # fmt: skip
-            level_axes.append(ax)
-        # Below the level panels: a colour bar on their right would take width from one grid column only
-        # and shift that column in the rows below.
-        cbar = subfigs[0].colorbar(
-            score_image, ax=level_axes, location="bottom", shrink=0.4, fraction=0.05, pad=0.02, aspect=40
-        )
-        cbar.ax.tick_params(labelsize=7)
-        cbar.set_label("sigmoid(foreground logit)", fontsize=7)
+            row1.append(_Panel("levels", f"object score, {level_name(level)} ({h_l}\u00d7{w_l})", panel_w, panel_h,
+                               draw_level))
+    caption1 = ("1. What the model found" + (f": boxes with a score of at least {score_threshold:.2f}" if drawn is not None
+                                              else ""))
+    if has_scores:
+        caption1 += (". Then, for each resolution of the feature maps, how likely the model thinks each place is "
+                     "part of an object (its 'foreground score'). Focus-DETR uses this score to decide where to "
+                     "spend computation.")
+    sections.append((caption1, row1, "scores" if has_scores else None))
 
-    if n_summary:
-        ax = subfigs[0].add_subplot(grids[0][0, row1 - 1])
-        _draw_summary(ax, data, num_levels, n_layers, level_s)
-
-    # ---- rows 2 and 3: kept tokens and OESM tokens per encoder layer ------------------------------------
-    dimmed = np.repeat((0.15 + 0.35 * gray)[..., None], 3, axis=2)  # dark gray photo, colours pop on it
-    valid_total = max(int(data["valid_count"]), 1)
-
-    def token_panel(row: int, col: int, key: str, panel_title: str) -> None:
-        ax = image_axes(row, col, panel_title)
-        ax.imshow(dimmed, extent=extent_img, interpolation="bilinear")
-        # One colour per place: the finest level that kept a token there. Stacking one transparent layer
-        # per level instead mixes the hues into mud wherever levels overlap.
-        finest, cell = finest_level_map([data[f"{key}_level{level}"] for level in range(num_levels)], level_s)
-        rgba = np.zeros((*finest.shape, 4), dtype=np.float32)
-        for level in range(num_levels):
-            rgba[finest == level] = (*_hex_to_rgb(LEVEL_COLORS[level % len(LEVEL_COLORS)]), 0.6)
-        rows, cols = finest.shape
-        ax.imshow(rgba, extent=(0.0, cols * cell * sx, rows * cell * sy, 0.0), interpolation="nearest")
-
-    row = 1
     if n_layers:
+        row2 = []
         for k in range(n_layers):
+            def draw_kept(ax, k=k) -> None:
+                show_image(ax, dimmed)
+                share, cell = kept_share_map([data[f"selected_layer{k}_level{level}"] for level in range(num_levels)],
+                                             valid_maps, level_s)
+                rgba = np.zeros((*share.shape, 4), dtype=np.float32)
+                rgba[..., :3] = _hex_to_rgb(_KEPT_COLOR)
+                rgba[..., 3] = 0.9 * np.nan_to_num(share)
+                rows, cols_ = share.shape
+                ax.imshow(rgba, extent=(0.0, cols_ * cell * sx, rows * cell * sy, 0.0), interpolation="nearest")
             count = int(data["selected_count"][k])
-            share = 100.0 * int(data["selected_inside_count"][k]) / valid_total  # share of in-image tokens
-            token_panel(row, k, f"selected_layer{k}", f"layer {k + 1}: {count} tokens ({share:.1f}%)")
-        row += 1
+            share = 100.0 * int(data["selected_inside_count"][k]) / valid_total
+            row2.append(_Panel("layers", f"layer {k + 1}: {count} tokens ({share:.1f}%)", panel_w, panel_h, draw_kept))
+        chart_w = min(max(panel_w, 3.8), 5.0, usable - _GAP)  # room for the legend on its right
+        row2.append(_Panel("summary", "share kept per resolution", chart_w, max(panel_h, 1.9),
+                           lambda ax: _draw_summary(ax, data, num_levels, n_layers, level_s)))
+        sections.append((
+            "2. Where each encoder layer computes. Focus-DETR updates only the places it finds most likely to be "
+            "objects and passes the others through unchanged. Yellow shows the share of a place's tokens that the "
+            "layer updates (solid = all, faint = a few, none = dark), so the yellow area matches the percentage "
+            "above each picture. The chart gives the share per resolution.", row2, None))
     if n_oesm:
+        row3 = []
         for k in range(n_oesm):
+            def draw_oesm(ax, k=k) -> None:
+                show_image(ax, dimmed)
+                _draw_token_dots(ax, [data[f"oesm_layer{k}_level{level}"] for level in range(num_levels)],
+                                 level_s, sx, sy, pt_per_px)
             count = int(sum(data[f"oesm_layer{k}_level{level}"].sum() for level in range(num_levels)))
-            token_panel(row, k, f"oesm_layer{k}", f"layer {k + 1}: top-{count} OESM tokens")
-        row += 1
-    if n_layers or n_oesm:
-        handles = [
-            Patch(facecolor=LEVEL_COLORS[level % len(LEVEL_COLORS)], edgecolor="none", label=f"stride {level_s[level]}")
-            for level in range(num_levels)
-        ]
-        subfigs[-1].legend(
-            handles=handles, loc="outside lower center", ncols=num_levels, fontsize=8, frameon=False,
-            title="token panels: finest feature level of the tokens kept at each place", title_fontsize=8,
-        )  # fmt: skip
+            row3.append(_Panel("oesm", f"layer {k + 1}: the {count} top-scoring tokens", panel_w, panel_h, draw_oesm))
+        sections.append((
+            "3. The places that also exchange information with each other as likely objects, one dot per token "
+            "(the 'object-enhanced self-attention' of each encoder layer: its top-scoring tokens). Dot colour = "
+            "feature-map resolution.", row3, "resolutions"))
+
+    # ---- geometry: captions, wrapped lines of panels, footers (all in inches, top to bottom) ------------
+    chars = max(20, int((width_inches - 2 * _GAP) * 72 / (_CAPTION_FONT * 0.58)))
+    footer_h = {"scores": 0.6, "resolutions": 0.35, None: 0.0}
+    layout = []  # per section: (caption lines, caption height, lines of panels, footer)
+    height = _GAP + (0.4 if title else 0.0)
+    for caption, panels, footer in sections:
+        wrapped = textwrap.wrap(caption, chars)
+        cap_h = 0.2 * len(wrapped) + 0.12
+        lines: list[list[_Panel]] = [[]]
+        for panel in panels:
+            used = sum(_cell_width(q) + _GAP for q in lines[-1])
+            if lines[-1] and used + _cell_width(panel) > usable + 1e-6:
+                lines.append([])
+            lines[-1].append(panel)
+        body = sum(max(q.height for q in line) + _title_height(line) for line in lines)
+        layout.append((wrapped, cap_h, lines, footer))
+        height += cap_h + body + footer_h[footer] + _GAP
+    fig = _new_figure((width_inches, height))
+
+    def rect(x: float, y: float, w: float, h: float) -> list[float]:
+        """Inches from the top-left corner -> figure fraction rectangle."""
+        return [x / width_inches, 1.0 - (y + h) / height, w / width_inches, h / height]
+
+    y = _GAP
     if title:
-        fig.suptitle(title, fontsize=11)
-    fig.focus_detr_panels = {  # type: ignore[attr-defined]
-        "image": 1,
-        "levels": num_levels if has_scores else 0,
-        "summary": n_summary,
-        "layers": n_layers,
-        "oesm": n_oesm,
-    }
+        fig.text(0.5, 1.0 - (y + 0.15) / height, title, ha="center", va="center", fontsize=12, weight="bold")
+        y += 0.4
+    counts = {"image": 0, "levels": 0, "summary": 0, "layers": 0, "oesm": 0}
+    for wrapped, cap_h, lines, footer in layout:
+        fig.text(_GAP / width_inches, 1.0 - (y + 0.06) / height, "\n".join(wrapped), ha="left", va="top",
+                 fontsize=_CAPTION_FONT, linespacing=1.25)
+        y += cap_h
+        level_axes = []
+        for line in lines:
+            line_w = sum(_cell_width(q) for q in line) + _GAP * (len(line) - 1)
+            x = (width_inches - line_w) / 2  # short lines are centred, never padded with empty panels
+            line_h = max(q.height for q in line)
+            title_h = _title_height(line)
+            for panel in line:
+                cell_x = x
+                x += (_cell_width(panel) - panel.width) / 2  # a narrow panel is centred in its cell
+                y0 = y + title_h + (line_h - panel.height) / 2
+                if panel.kind == "summary":  # room for the chart's tick labels inside its cell
+                    ax = fig.add_axes(rect(x + 0.45, y0 + 0.02, panel.width - 1.45, panel.height - 0.42))
+                else:
+                    ax = fig.add_axes(rect(x, y0, panel.width, panel.height))
+                    ax.set_xlim(0, disp_w)
+                    ax.set_ylim(disp_h, 0)  # crops away the padded canvas: only the un-padded image is visible
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                ax.set_label(f"panel:{panel.kind}")
+                ax.set_title("\n".join(_wrap_title(panel)), fontsize=8)
+                panel.draw(ax)
+                counts[panel.kind] += 1
+                if panel.kind == "levels":
+                    level_axes.append((x, panel.width))
+                x = cell_x + _cell_width(panel) + _GAP
+            y += line_h + title_h
+        if footer == "scores" and score_images:
+            left = min(a for a, _ in level_axes)
+            right = max(a + w for a, w in level_axes)
+            bar_w = min(right - left, 4.0)
+            cax = fig.add_axes(rect((left + right - bar_w) / 2, y + 0.12, bar_w, 0.12))
+            bar = fig.colorbar(score_images[0], cax=cax, orientation="horizontal")
+            bar.ax.tick_params(labelsize=7)
+            bar.set_label("foreground score: 0 = background, 1 = surely part of an object", fontsize=8)
+        elif footer == "resolutions":
+            handles = [Line2D([], [], marker="o", linestyle="none", markersize=6, markerfacecolor=_level_color(level),
+                              markeredgecolor="black", markeredgewidth=0.4, label=level_name(level))
+                       for level in range(num_levels)]
+            fig.legend(handles=handles, loc="center", ncols=num_levels, fontsize=8, frameon=False,
+                       bbox_to_anchor=(0.5, 1.0 - (y + 0.17) / height), title=None)
+        y += footer_h[footer] + _GAP
+    fig.focus_detr_panels = counts  # type: ignore[attr-defined]
     return fig
+
+
+def _cell_width(panel: _Panel) -> float:
+    return max(panel.width, _MIN_CELL_W)
+
+
+def _wrap_title(panel: _Panel) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(panel.title, max(12, int(_cell_width(panel) * 72 / (8 * 0.55)))) or [""]
+
+
+def _title_height(line: Sequence[_Panel]) -> float:
+    return _PANEL_TITLE + 0.14 * (max(len(_wrap_title(q)) for q in line) - 1)
+
+
+def _level_color(level: int) -> str:
+    return LEVEL_COLORS[level % len(LEVEL_COLORS)]
+
+
+def _draw_token_dots(ax: Any, level_masks: Sequence[np.ndarray], strides: Sequence[int], sx: float, sy: float,
+                     pt_per_px: float) -> None:
+    """One dot per listed token at its cell's centre, coloured by level; coarse levels on top, so a fine
+    token never hides one of the (fewer) coarse ones."""
+    for level in reversed(range(len(level_masks))):
+        rows, cols = np.nonzero(level_masks[level])
+        if not rows.size:
+            continue
+        s = strides[level]
+        # Dot diameter: the cell's width on screen, between 2.5 and 7 points.
+        size = float(np.clip(s * sx * pt_per_px * 0.8, 3.5, 7.0)) ** 2
+        ax.scatter((cols + 0.5) * s * sx, (rows + 0.5) * s * sy, s=size, c=_level_color(level), edgecolors="black",
+                   linewidths=0.3, zorder=3)
 
 
 def _hex_to_rgb(color: str) -> tuple[float, float, float]:
@@ -441,45 +606,55 @@ def _hex_to_rgb(color: str) -> tuple[float, float, float]:
     return tuple(int(color[i : i + 2], 16) / 255.0 for i in (0, 2, 4))  # type: ignore[return-value]
 
 
-def _draw_detection_patches(
-    ax: Any,
-    detections: tuple[Any, Any, Any],
-    class_names: Sequence[str] | None,
-    score_threshold: float,
-    max_detections: int,
-    data_per_point: float,
-) -> None:
-    """Boxes and tags in matplotlib (font in points, so tags stay legible however large the photo is).
-
-    data_per_point: picture pixels per typographic point in this panel, to keep tags inside the panel.
-    """
-    from matplotlib.patches import Rectangle
-
+def _drawable_detections(detections: tuple[Any, Any, Any], score_threshold: float,
+                         max_detections: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The detections to draw: score >= threshold, most confident first, at most ``max_detections``."""
     boxes, scores, labels = (_to_numpy(v) for v in detections)
     boxes = boxes.astype(np.float64).reshape(-1, 4)
     scores = scores.astype(np.float64).reshape(-1)
     labels = labels.astype(np.int64).reshape(-1)
-    x_max, y_min = ax.get_xlim()[1], ax.get_ylim()[1]
-    fontsize = 6.0
     order = [i for i in np.argsort(-scores, kind="stable") if scores[i] >= score_threshold][:max_detections]
-    for i in reversed(order):  # least confident first, so the best ones are drawn on top
-        x0, y0, x1, y1 = boxes[i]
-        label = int(labels[i])
-        color = np.array(class_color(label)) / 255.0
-        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.5))
+    return boxes[order], scores[order], labels[order]
+
+
+def _draw_detection_patches(
+    ax: Any,
+    detections: tuple[np.ndarray, np.ndarray, np.ndarray],
+    class_names: Sequence[str] | None,
+    pt_per_px: float,
+    width: float,
+    height: float,
+) -> int:
+    """Boxes and tags in matplotlib, tags placed as :func:`focus_detr.viz.draw_detections` places them (no
+    overlaps; a tag with no free place is left out). Returns how many boxes got no tag."""
+    from matplotlib.patches import Rectangle
+
+    from focus_detr.viz.draw import place_tags
+
+    boxes, scores, labels = detections
+    fontsize = 7.0
+    px_per_pt = 1.0 / pt_per_px
+    texts, sizes, clipped = [], [], []
+    for (x0, y0, x1, y1), score, label in zip(boxes, scores, labels):  # most confident first get places
         name = class_names[label] if class_names is not None and 0 <= label < len(class_names) else str(label)
-        text = f"{name} {scores[i]:.2f}"
-        # Tag above the box, unless it would leave the panel: then just inside the box's top edge.
-        # Sizes are estimates (0.6 em per character, 1.6 em tall with padding); close enough to decide.
-        tag_h = 1.6 * fontsize * data_per_point
-        tag_w = 0.6 * fontsize * len(text) * data_per_point
-        above = y0 - tag_h >= y_min
-        ax.text(
-            min(x0, max(x_max - tag_w, 0.0)), y0 if above else max(y0, y_min), text,
-            fontsize=fontsize, va="bottom" if above else "top", ha="left", clip_on=True,
-            color=np.array(_text_color(class_color(label))) / 255.0,
-            bbox={"facecolor": color, "edgecolor": "none", "pad": 1.0, "alpha": 0.9},
-        )  # fmt: skip
+        texts.append(f"{name} {score:.2f}")
+        # Size estimate: 0.55 em per character plus padding, 1.5 em tall.
+        sizes.append(((0.55 * len(texts[-1]) + 0.6) * fontsize * px_per_pt, 1.5 * fontsize * px_per_pt))
+        clipped.append((min(max(x0, 0), width), min(max(y0, 0), height), min(max(x1, 0), width),
+                        min(max(y1, 0), height)))
+    spots = list(zip(texts, place_tags(clipped, sizes, width, height, max_width_share=0.8, max_height_share=0.3),
+                     sizes))
+    for k in reversed(range(len(scores))):  # least confident first, so the best ones are drawn on top
+        x0, y0, x1, y1 = boxes[k]
+        color = np.array(class_color(int(labels[k]))) / 255.0
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.5))
+        text, spot, size = spots[k]
+        if spot is None:
+            continue
+        ax.text(spot[0] + 0.3 * fontsize * px_per_pt, spot[1] + size[1] / 2, text, fontsize=fontsize, va="center",
+                ha="left", clip_on=True, color=np.array(_text_color(class_color(int(labels[k])))) / 255.0,
+                bbox={"facecolor": color, "edgecolor": "none", "pad": 1.0, "alpha": 0.9})
+    return sum(spot is None for _, spot, _ in spots)
 
 
 def _draw_summary(ax, data: dict[str, np.ndarray], num_levels: int, n_layers: int, strides: list[int]) -> None:
@@ -490,18 +665,17 @@ def _draw_summary(ax, data: dict[str, np.ndarray], num_levels: int, n_layers: in
         denom = max(int(valid.sum()), 1)
         share = [100.0 * (data[f"selected_layer{k}_level{level}"] & valid).sum() / denom for k in range(n_layers)]
         ax.plot(layers, share, marker="o", markersize=4, markeredgecolor="black", markeredgewidth=0.5, linewidth=1.8,
-                color=LEVEL_COLORS[level % len(LEVEL_COLORS)], label=f"stride {strides[level]}")  # fmt: skip
+                color=_level_color(level), label=f"{strides[level]}-px cells")  # fmt: skip
     total = 100.0 * data["selected_inside_count"] / max(int(data["valid_count"]), 1)
-    ax.plot(layers, total, color="black", linestyle="--", linewidth=1.2, label="all")
+    ax.plot(layers, total, color="black", linestyle="--", linewidth=1.2, label="all tokens")
     ax.set_xticks(layers)
-    ax.set_xlabel("encoder layer", fontsize=8)
-    ax.set_ylabel("tokens kept (% of level)", fontsize=8)
+    ax.set_xlabel("encoder layer", fontsize=7, labelpad=1)
+    ax.set_ylabel("% of tokens updated", fontsize=7, labelpad=1)
     ax.set_ylim(0, 105)
-    ax.tick_params(labelsize=7)
+    ax.tick_params(labelsize=6, pad=1)
     ax.grid(alpha=0.3)
     ax.set_facecolor("#e8e8e8")  # light gray: the pale level colours (yellow) stay visible
-    ax.legend(fontsize=6, frameon=False)
-    ax.set_title("kept tokens per level", fontsize=9)
+    ax.legend(fontsize=6.5, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0), borderaxespad=0.3)
 
 
 def save_figure(fig: "Figure", path: str | os.PathLike[str], dpi: int = 150) -> None:
