@@ -14,10 +14,10 @@ DATA_DIR layout (COCO; `focus-detr make-data shapes` writes it):
 examples:
   focus-detr train --preset tiny --data data/shapes --out runs/shapes --max-iters 2000 --lr 2e-4 --backbone-lr 2e-4
   focus-detr train --preset r50_4scale_12ep --data /data/coco --out runs/r50 --schedule 12ep \\
-      --backbone-weights resnet50-0676ba61.pth --batch-size 2 --amp
+      --backbone-weights imagenet --batch-size 2 --amp
   torchrun --nproc_per_node 8 -m focus_detr.cli.main train --preset r50_4scale_12ep --data /data/coco --out runs/r50
   focus-detr train ... --resume auto        # continue the newest complete checkpoint in --out
-  focus-detr train --preset r50_4scale --init-weights focus_detr_r50_4scale_36ep.pth --data my_coco ...  # fine-tune
+  focus-detr train --preset r50_4scale --init-weights focus_detr_r50_4scale_36ep --data my_coco ...  # fine-tune
 
 See docs/training.md for schedules, multi-node runs and what is logged."""
 
@@ -57,11 +57,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
     g.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
                    help="model config override, repeatable, e.g. --set decoder.num_queries=300 --set encoder.mode=dense")
-    g.add_argument("--backbone-weights", metavar="PATH",
-                   help="ImageNet backbone file (torchvision ResNet .pth, detectron2 .pkl, Swin .pth); fresh runs only")
-    g.add_argument("--init-weights", metavar="PATH",
-                   help="fine-tune from a weights file, training checkpoint or official checkpoint of --preset; "
-                        "tensors of another shape (class heads of another label set) start fresh")
+    g.add_argument("--backbone-weights", metavar="PATH|imagenet",
+                   help="ImageNet backbone: 'imagenet' (the official recipe's file for --preset's backbone, downloaded "
+                        "once), a backbone name from `focus-detr models`, or a file (torchvision ResNet .pth, "
+                        "detectron2 .pkl, Swin .pth); fresh runs only")
+    g.add_argument("--init-weights", metavar="WEIGHTS",
+                   help="fine-tune from a pretrained name, weights file, training checkpoint, official checkpoint or "
+                        "zip of --preset, or Hugging Face folder; tensors of another shape (class heads of another "
+                        "label set) start fresh")
 
     g = p.add_argument_group("schedule and optimiser (official defaults)")
     g.add_argument("--schedule", default="12ep", choices=["12ep", "24ep", "36ep", "none"],
