@@ -41,9 +41,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import config_to_dict, make_config
+    from ..weights import registry
     from ..weights.kinds import KIND_NAMES, read_weights
+    from .main import CLIError
 
     target = args.target
+    if not Path(target).exists() and target not in PRESETS and registry.find(target) is None and "/" not in target:
+        raise CLIError(f"{target!r} is neither a file nor a preset ({', '.join(sorted(PRESETS))}) nor a pretrained "
+                       "model name (`focus-detr models`)")
     info: dict[str, Any]
     if target in PRESETS and not Path(target).exists():
         cfg = make_config(target)

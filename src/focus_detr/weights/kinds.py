@@ -39,7 +39,7 @@ from ..config import PRESETS, FocusDETRConfig, config_to_dict, make_config
 from ..convert.official import (CheckpointMismatchError, ConversionReport, convert_official_state_dict,
                                  load_converted)
 from .files import CheckpointFormatError, read_numpy_pickle, read_torch_file, tree_digest
-from .validate import config_from_file_dict
+from .validate import check_size, config_from_file_dict
 
 WEIGHTS_FORMAT = "focus-detr-weights"
 WEIGHTS_FORMAT_VERSION = 2  # 2: the checksum covers format, config, state dict and extra (1: tensors only)
@@ -401,6 +401,7 @@ def read_weights(source: str | os.PathLike[str] | Source, preset: str | FocusDET
     if src.kind == "weights":
         assert src.path is not None
         cfg, state, extra = check_weights_payload(src.payload, str(src.path))
+        check_size(cfg, state, str(src.path))
         note = f" (--preset {preset} ignored: the file stores its config)" if isinstance(preset, str) else ""
         return ReadWeights("weights", src.path, _with(cfg, overrides, src.path), state,
                            f"weights file {src.path}{note}", extra,
@@ -418,6 +419,7 @@ def read_weights(source: str | os.PathLike[str] | Source, preset: str | FocusDET
             ema_state = _check_state_dict(payload["ema"], str(src.path), "ema")
             state = {k[len("module."):]: v for k, v in ema_state.items() if k.startswith("module.")}
             what = "EMA"
+        check_size(cfg, state, str(src.path))
         it = payload.get("iteration")
         return ReadWeights("checkpoint", src.path, _with(cfg, overrides, src.path), state,
                            f"training checkpoint {src.path} (iteration {it}, {what} weights)",
@@ -443,6 +445,7 @@ def read_weights(source: str | os.PathLike[str] | Source, preset: str | FocusDET
 
         assert src.path is not None
         cfg, state, extra = read_hf_folder(src.path)
+        check_size(cfg, state, str(src.path))
         return ReadWeights("hf", src.path, _with(cfg, overrides, src.path), state,
                            f"Hugging Face folder {src.path}", extra)
     if src.kind == "registry":
@@ -502,12 +505,10 @@ def _read_official(state: dict[str, Tensor], source: str, preset: str | FocusDET
 
 def build_for_state_dict(cfg: FocusDETRConfig, state_dict: Mapping[str, Tensor], source: str,
                          report: ConversionReport | None = None):
-    """Build ``cfg`` and load ``state_dict`` strictly. A config describing far more values than the state dict
-    holds is refused before the model is built (:func:`~focus_detr.weights.validate.check_size`)."""
+    """Build ``cfg`` and load ``state_dict`` strictly; a misfit is one line naming missing / unexpected /
+    mis-shaped keys. (Configs read from files were size-checked against their tensors by :func:`read_weights`.)"""
     from ..model import build_model
-    from .validate import check_size
 
-    check_size(cfg, dict(state_dict), source)
     model = build_model(cfg)
     problems = _shape_problems(model.state_dict(), state_dict, report)
     if problems:  # the same facts as load_converted's report, on one line
