@@ -82,6 +82,8 @@ def _unrecognised_official(target: str, error: Exception) -> dict[str, Any]:
     if "not recognisable from its keys" not in str(error):
         raise error
     src = identify(target)
+    if src.kind != "official":
+        raise error
     state = official_state_dict(src.payload, str(src.path))
     return {"kind": "official", "kind_name": "official detrex checkpoint", "path": str(src.path),
             "num_keys": len(state), "num_values": int(sum(v.numel() for v in state.values())),
