@@ -52,11 +52,8 @@ def _first_line(error: BaseException, limit: int = 160) -> str:
 
 def _unsafe_global(message: str) -> str | None:
     """The ``module.name`` a weights-only unpickler refused, from torch's (long) message."""
-    m = re.search(r"GLOBAL ([\w.]+)", message) or re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
-    if m:
-        return m.group(1)
-    m = re.search(r"Unsupported operand (\d+)", message)
-    return f"pickle opcode {m.group(1)}" if m else None
+    m = re.search(r"GLOBAL ([\w.]+)", message)
+    return m.group(1) if m else None
 
 
 def read_torch_file(path: str | os.PathLike[str], what: str = "weights file") -> Any:
@@ -71,13 +68,13 @@ def read_torch_file(path: str | os.PathLike[str], what: str = "weights file") ->
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         refused = _unsafe_global(str(e))
-        if refused is not None or "Weights only load failed" in str(e):
-            detail = f" ({refused})" if refused else ""
+        if refused is not None:
             raise CheckpointFormatError(
-                f"{path}: refused, the file holds pickled Python objects other than tensors and plain values"
-                f"{detail}; focus-detr does not run code from model files") from None
-        raise CheckpointFormatError(f"{path}: not a readable PyTorch file, it is truncated or damaged "
-                                    f"(UnpicklingError: {_first_line(e)})") from None
+                f"{path}: refused, the file holds pickled Python objects other than tensors and plain values "
+                f"({refused}); focus-detr does not run code from model files") from None
+        # Random bytes and cut files also end here, under torch's "weights only" banner: say what it is.
+        raise CheckpointFormatError(f"{path}: not a readable checkpoint, the file is truncated or not a PyTorch "
+                                    "file (its pickle data is damaged)") from None
     except MemoryError:
         raise CheckpointFormatError(f"{path}: not enough memory to read this file") from None
     except OSError as e:
@@ -85,7 +82,7 @@ def read_torch_file(path: str | os.PathLike[str], what: str = "weights file") ->
             raise CheckpointFormatError(f"{path}: permission denied") from None
         raise CheckpointFormatError(f"{path}: cannot be read ({type(e).__name__}: {_first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - truncated zip, random bytes, foreign formats: one line, no traceback
-        raise CheckpointFormatError(f"{path}: not a readable PyTorch file, it is truncated or not a PyTorch file "
+        raise CheckpointFormatError(f"{path}: not a readable checkpoint, the file is truncated or not a PyTorch file "
                                     f"({type(e).__name__}: {_first_line(e)})") from None
 
 

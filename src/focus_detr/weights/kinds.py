@@ -278,8 +278,11 @@ def identify(text: str | os.PathLike[str]) -> Source:
     if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "/")) and not path.suffix:
         return Source("hub", text)
     close = difflib.get_close_matches(text, registry.names(), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else " (`focus-detr models` lists the pretrained names)"
-    raise CheckpointFormatError(f"{text}: no such file or folder, and not a pretrained model name{hint}")
+    if close:
+        raise CheckpointFormatError(f"{text}: no such weights file, and not a pretrained model name; did you mean "
+                                    f"{', '.join(close)}?")
+    raise CheckpointFormatError(f"{text}: no such weights file or folder, and not a pretrained model name "
+                                "(`focus-detr models` lists them)")
 
 
 def _payload_kind(payload: Any, path: Path) -> str:
