@@ -116,7 +116,8 @@ def test_predict_and_explain(kind, env, tmp_path, capsys):
     source, flags = env["sources"][kind], FLAGS.get(kind, [])
     assert main(["predict", source, str(env["image"]), "--out", str(tmp_path / "p"), "--device", "cpu", *flags]) == 0
     assert json.loads((tmp_path / "p" / "images.json").read_text())["images"]
-    assert main(["explain", source, str(env["image"]), "--out", str(tmp_path / "e"), "--device", "cpu", *flags]) == 0
+    assert main(["explain", source, str(env["image"]), "--out", str(tmp_path / "e"), "--device", "cpu", "--width", "4",
+                 "--dpi", "40", *flags]) == 0
     assert (tmp_path / "e" / "explain.png").is_file()
     err = capsys.readouterr().err
     assert "model: " in err
