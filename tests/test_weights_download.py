@@ -209,3 +209,26 @@ def test_official_zip_from_the_parity_fixture(tmp_path, monkeypatch, server):
     with np.load(FIXTURE / "expected.npz") as expected:
         fg = expected["eval_fg_score"]
     np.testing.assert_allclose(out.foreground_logits[..., None].numpy(), fg, atol=1e-5, rtol=0)
+
+
+def test_backbone_weights_by_name_and_imagenet(env, server, tmp_path, monkeypatch):
+    from focus_detr.backbones import ResNet, load_backbone_weights
+    from focus_detr.weights.registry import backbone_entry_for
+    from test_backbones import SHORT, random_torchvision_r50
+
+    assert backbone_entry_for(focus_detr.config.get_preset("r50_4scale").backbone).name == "resnet50_imagenet"
+    assert backbone_entry_for(focus_detr.config.get_preset("r101_4scale_12ep").backbone).name == "resnet101_imagenet"
+    swin_b = focus_detr.config.get_preset("swin_base_384_4scale").backbone
+    assert backbone_entry_for(swin_b).name == "swin_base_384_imagenet22k"
+    with pytest.raises(CheckpointFormatError, match="imagenet: no ImageNet weights are published"):
+        load_backbone_weights(focus_detr.build_model("tiny").backbone, "imagenet")
+    # A site registry replaces the torchvision URL; the file comes from the local server, by name.
+    server.files["/models/resnet50-0676ba61.pth"] = _torch_bytes(random_torchvision_r50(SHORT))
+    reg = write_registry(tmp_path / "backbones.json", [
+        {"name": "resnet50_imagenet", "url": "https://example.invalid/models/resnet50-0676ba61.pth", "preset": None,
+         "kind": "backbone", "backbone": "R-50"}])
+    monkeypatch.setenv("FOCUS_DETR_REGISTRY", str(reg))
+    report = load_backbone_weights(ResNet(num_blocks=SHORT), "resnet50_imagenet")
+    assert report.source == "torchvision ResNet" and report.loaded and not report.missing
+    with pytest.raises(CheckpointFormatError, match="not a backbone name"):
+        load_backbone_weights(ResNet(num_blocks=SHORT), "resnet51_imagenet")
