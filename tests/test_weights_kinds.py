@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -33,8 +33,8 @@ from torch import Tensor, nn
 
 from focus_detr.backbones.resnet import ResNet
 from focus_detr.backbones.swin import SwinTransformer
-from focus_detr.weights.files import (CheckpointFormatError, UnsafePickleError, read_numpy_pickle, read_torch_file,
-                                      safe_load_pickle)
+from focus_detr.weights.files import (CheckpointFormatError, read_numpy_pickle, read_torch_file)
+from focus_detr.weights.files import UnsafePickleError, safe_load_pickle  # noqa: F401 - re-exported (older imports)
 
 
 @dataclass

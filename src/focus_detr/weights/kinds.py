@@ -24,7 +24,6 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import shutil
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -263,8 +262,10 @@ def identify(text: str | os.PathLike[str]) -> Source:
         if path.suffix.lower() == ".pkl":
             return Source("official", text, path, payload=read_numpy_pickle(path))
         try:
-            is_zip = zipfile.is_zipfile(path)
-            names = zipfile.ZipFile(path).namelist() if is_zip else []
+            is_zip, names = zipfile.is_zipfile(path), []
+            if is_zip:
+                with zipfile.ZipFile(path) as z:
+                    names = z.namelist()
         except (zipfile.BadZipFile, OSError, ValueError):
             is_zip, names = False, []
         if is_zip and not _is_torch_zip(names):
@@ -556,13 +557,6 @@ def save_weights(model: torch.nn.Module, path: str | os.PathLike[str], extra: Ma
     from .files import atomic_torch_save
 
     return atomic_torch_save(weights_payload(model, extra), path)
-
-
-def copy_file(src: Path, dest: Path) -> Path:
-    from .files import atomic_write
-
-    with open(src, "rb") as f:
-        return atomic_write(dest, lambda out: shutil.copyfileobj(f, out, 1 << 20))
 
 
 __all__ = ["WEIGHTS_FORMAT", "WEIGHTS_FORMAT_VERSION", "CHECKPOINT_FORMAT", "CHECKPOINT_FORMAT_VERSION", "KINDS",
