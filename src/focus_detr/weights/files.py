@@ -18,7 +18,6 @@ This module depends on torch and numpy only (no model code), so every layer may 
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import os
@@ -70,17 +69,15 @@ def read_torch_file(path: str | os.PathLike[str], what: str = "weights file") ->
         refused = _unsafe_global(str(e))
         if refused is not None:
             raise CheckpointFormatError(
-                f"{path}: refused, the file holds pickled Python objects other than tensors and plain values "
-                f"({refused}); focus-detr does not run code from model files") from None
+                f"{path}: not a readable checkpoint, refused: it holds pickled Python objects other than tensors "
+                f"and plain values ({refused}); focus-detr does not run code from model files") from None
         # Random bytes and cut files also end here, under torch's "weights only" banner: say what it is.
         raise CheckpointFormatError(f"{path}: not a readable checkpoint, the file is truncated or not a PyTorch "
                                     "file (its pickle data is damaged)") from None
     except MemoryError:
         raise CheckpointFormatError(f"{path}: not enough memory to read this file") from None
-    except OSError as e:
-        if e.errno in (errno.EACCES, errno.EPERM):
-            raise CheckpointFormatError(f"{path}: permission denied") from None
-        raise CheckpointFormatError(f"{path}: cannot be read ({type(e).__name__}: {_first_line(e)})") from None
+    except PermissionError:
+        raise CheckpointFormatError(f"{path}: permission denied") from None
     except Exception as e:  # noqa: BLE001 - truncated zip, random bytes, foreign formats: one line, no traceback
         raise CheckpointFormatError(f"{path}: not a readable checkpoint, the file is truncated or not a PyTorch file "
                                     f"({type(e).__name__}: {_first_line(e)})") from None
