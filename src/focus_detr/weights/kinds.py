@@ -279,11 +279,9 @@ def identify(text: str | os.PathLike[str]) -> Source:
     if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "/")) and not path.suffix:
         return Source("hub", text)
     close = difflib.get_close_matches(text, registry.names(), n=3, cutoff=0.6)
-    if close:
-        raise CheckpointFormatError(f"{text}: no such weights file, and not a pretrained model name; did you mean "
-                                    f"{', '.join(close)}?")
-    raise CheckpointFormatError(f"{text}: no such weights file or folder, and not a pretrained model name "
-                                "(`focus-detr models` lists them)")
+    hint = f"did you mean {', '.join(close)}?" if close else "`focus-detr models` lists the names"
+    raise CheckpointFormatError(f"{text}: no such weights file (no such file or folder, and not a pretrained model "
+                                f"name; {hint})")
 
 
 def _payload_kind(payload: Any, path: Path) -> str:
