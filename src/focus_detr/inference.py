@@ -3,8 +3,9 @@
 * :func:`discover_images` turns files, folders (searched recursively) and glob patterns into a list of
   image paths, reporting arguments that match nothing; :func:`discover_inputs` also finds videos and keeps
   http(s) URLs and camera / stream sources;
-* :func:`load_model` builds a model from one of our weights files, an official detrex checkpoint + preset,
-  or a preset with random weights (smoke tests, demos);
+* :func:`load_model` builds a model from any weights source (:mod:`focus_detr.weights`: our weights file,
+  training checkpoint, official checkpoint or zip, Hugging Face folder, pretrained name), or a preset with
+  random weights (smoke tests, demos);
 * :func:`predict_images` runs batched prediction over paths, skipping (and reporting) unreadable files;
 * :func:`predict_to_folder` does that (and downloads URLs, reads videos and streams) and writes annotated
   pictures / videos plus COCO-format results; :func:`predict_video` yields the detections of video frames;
@@ -183,17 +184,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def load_model(weights: str | os.PathLike[str] | None = None, preset: str | None = None, random_init: bool = False,
-               device: str | torch.device = "cpu", seed: int = 0) -> tuple[FocusDETR, str]:
+               device: str | torch.device = "cpu", seed: int = 0, ema: bool = False) -> tuple[FocusDETR, str]:
     """Build the model to run and a one-line description of where its weights came from.
 
-    * ``weights`` only: one of our weights files (:func:`focus_detr.load`);
-    * ``weights`` and ``preset``: an official detrex checkpoint loaded into that preset
-      (:func:`focus_detr.load_official`); if the file turns out to be one of ours, ``preset`` is ignored;
+    * ``weights``: any weights source :mod:`focus_detr.weights.kinds` reads (our weights file, training
+      checkpoint (``ema``: its EMA weights), official checkpoint or release zip (``preset``, else guessed from
+      its keys), Hugging Face folder, pretrained name such as ``focus_detr_r50_4scale_36ep``);
     * ``preset`` and ``random_init`` (no ``weights``): randomly initialised weights from ``seed``
       (for smoke tests and demos: its detections are meaningless).
     """
-    from . import api
     from .model import build_model
+    from .weights.kinds import load_model as load_any
 
     dev = resolve_device(device)
     if random_init:
@@ -204,41 +205,8 @@ def load_model(weights: str | os.PathLike[str] | None = None, preset: str | None
         torch.manual_seed(seed)
         return build_model(preset).to(dev).eval(), f"preset {preset!r} with random weights (seed {seed})"
     if weights is None:
-        raise ValueError("no weights given: pass a weights file, or --preset NAME --random-init")
-    path = Path(weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such weights file")
-    if preset is not None and not _is_our_weights(path):
-        from .convert.official import extract_state_dict
-
-        try:
-            state = extract_state_dict(path)
-        except Exception as e:  # noqa: BLE001 - any unreadable file becomes one clear error
-            raise api.CheckpointFormatError(f"{path}: not a readable checkpoint ({short_error(e)})") from None
-        model = api.load_official(state, preset)
-        return model.to(dev).eval(), f"official checkpoint {path} (preset {preset!r})"
-    try:
-        return api.load(path, device=dev), f"weights file {path}"
-    except api.CheckpointFormatError as e:
-        if "official detrex checkpoint" in str(e):  # say how to do it from the command line too
-            raise api.CheckpointFormatError(f"{e} On the command line: add --preset NAME (e.g. --preset r50_4scale).") from None
-        raise
-
-
-def short_error(error: BaseException) -> str:
-    """``Type: first sentence`` of an exception (torch.load's unpickling errors run to a page of advice)."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {text.split('. ')[0][:200]}" if text else type(error).__name__
-
-
-def _is_our_weights(path: Path) -> bool:
-    from .api import CheckpointFormatError, read_weights_file
-
-    try:
-        read_weights_file(path)
-    except CheckpointFormatError:
-        return False
-    return True
+        raise ValueError("no weights given: pass a weights file or pretrained name, or --preset NAME --random-init")
+    return load_any(weights, preset, ema, dev)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -689,9 +657,9 @@ def _unique(target: Path, used: set[Path]) -> Path:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=None, separators=(",", ":")) + "\n")
-    tmp.replace(path)
+    from .weights.files import atomic_write_bytes  # unique temporary name per process, fsync, rename
+
+    atomic_write_bytes(path, (json.dumps(data, indent=None, separators=(",", ":")) + "\n").encode())
 
 
 # --------------------------------------------------------------------------------------------------

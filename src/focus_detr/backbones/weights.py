@@ -9,7 +9,7 @@ heuristics did this renaming implicitly; here it is explicit and reported):
 * detectron2 ``.pkl`` as written by detectron2's ``tools/convert-torchvision-to-d2.py``
   (``{"model": {name: ndarray}, "__author__": ..., "matching_heuristics": True}`` or a bare dict) with
   detectron2 names. It is unpickled with a restricted unpickler that can only rebuild numpy arrays and
-  plain containers. Caffe2 MSRA names (``res2_0_branch2a_w``) are recognised and refused: those models
+  plain containers (:func:`focus_detr.weights.files.safe_load_pickle`). Caffe2 MSRA names (``res2_0_branch2a_w``) are recognised and refused: those models
   are ``stride_in_1x1=True`` and expect BGR input, so they do not fit this ResNet.
 * official Swin ImageNet ``.pth`` (``{"model": sd}`` or bare): names already match; ``head.*``, the final
   ``norm.*``, ``attn_mask`` and ``relative_position_index`` buffers are skipped (the index is rebuilt
@@ -21,8 +21,6 @@ Loading is non-strict otherwise: missing and unexpected keys are reported, not f
 
 from __future__ import annotations
 
-import io
-import pickle
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +33,8 @@ from torch import Tensor, nn
 
 from focus_detr.backbones.resnet import ResNet
 from focus_detr.backbones.swin import SwinTransformer
+from focus_detr.weights.files import (CheckpointFormatError, read_numpy_pickle, read_torch_file)
+from focus_detr.weights.files import UnsafePickleError, safe_load_pickle  # noqa: F401 - re-exported (older imports)
 
 
 @dataclass
@@ -216,46 +216,6 @@ def load_detectron2_resnet_state_dict(
     return _apply_renamed(backbone, renamed, skipped, source)
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """The pickle references something other than numpy arrays and plain containers."""
-
-
-# The only globals a detectron2 weight pickle needs: numpy array / dtype / scalar reconstruction (old
-# and numpy-2 module paths), bytes from protocol-2 pickles, and OrderedDict. Everything else (os.system,
-# builtins.eval, torch internals, ...) is refused before it can be called.
-_SAFE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
-    [(mod, name) for mod in ("numpy.core.multiarray", "numpy._core.multiarray") for name in ("_reconstruct", "scalar")]
-    + [(mod, "_frombuffer") for mod in ("numpy.core.numeric", "numpy._core.numeric")]
-    + [("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"), ("collections", "OrderedDict")]
-)
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _SAFE_GLOBALS:
-            raise UnsafePickleError(
-                f"refusing to unpickle global {module}.{name}: only numpy arrays and plain containers are "
-                "allowed in a weight file"
-            )
-        if module.startswith("numpy.core."):
-            # numpy >= 2 moved numpy.core to numpy._core; import the new path to avoid the deprecation shim.
-            new_module = "numpy._core." + module[len("numpy.core."):]
-            try:
-                return super().find_class(new_module, name)
-            except (ImportError, AttributeError):
-                pass
-        return super().find_class(module, name)
-
-
-def safe_load_pickle(data: bytes) -> Any:
-    """Unpickle ``data`` allowing only numpy arrays, dtypes, scalars and builtin containers.
-
-    ``encoding="latin1"`` lets Python-2 pickles of numpy arrays (old detectron/Caffe2 files) load.
-    Raises :class:`UnsafePickleError` for any other global.
-    """
-    return _NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
-
-
 def load_detectron2_resnet_pkl(backbone: nn.Module, path: str | Path) -> LoadReport:
     """Load a detectron2 ``.pkl`` ResNet (e.g. ``R-50.pkl`` made by ``convert-torchvision-to-d2.py``).
 
@@ -263,7 +223,7 @@ def load_detectron2_resnet_pkl(backbone: nn.Module, path: str | Path) -> LoadRep
     :func:`safe_load_pickle`.
     """
     path = Path(path)
-    obj = safe_load_pickle(path.read_bytes())
+    obj = read_numpy_pickle(path)
     return load_detectron2_resnet_state_dict(backbone, obj, source=f"detectron2 pkl {path.name}")
 
 
@@ -314,26 +274,80 @@ def detect_state_dict_format(state_dict: Mapping[str, Any]) -> str:
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> LoadReport:
     """Load ImageNet weights from ``path`` into ``backbone``, detecting the format.
 
-    ``.pkl``: detectron2 pickle (restricted unpickler). ``.pth`` / ``.pt`` / ``.pth.tar``: a torch file
-    loaded with ``weights_only=True``, then dispatched by key names (torchvision ResNet, Swin, or a dict
-    with detectron2 ResNet names). Anything else raises ``ValueError``.
+    ``path`` may also be ``imagenet`` (the file the official recipe starts this backbone from) or a backbone
+    name of :mod:`focus_detr.weights.registry` (e.g. ``resnet50_imagenet``): downloaded once and cached.
+    ``.pkl``: detectron2 pickle (restricted unpickler). Other files: a torch file loaded with
+    ``weights_only=True``, then dispatched by key names (torchvision ResNet, Swin, or a dict with detectron2
+    ResNet names). Every failure is a ``ValueError`` whose message is one line naming the file.
     """
-    path = Path(path)
+    path = _resolve_named_weights(backbone, path)
     name = path.name.lower()
+    if not name.endswith((".pkl", ".pth", ".pt", ".pth.tar", ".bin")):
+        raise CheckpointFormatError(f"{path}: unknown weight file type {path.name!r}: expected .pkl (detectron2) or "
+                                    ".pth/.pt (torch)")
     if name.endswith(".pkl"):
-        return load_detectron2_resnet_pkl(backbone, path)
-    if not name.endswith((".pth", ".pt", ".pth.tar")):
-        raise ValueError(f"unknown weight file type {path.name!r}: expected .pkl (detectron2) or .pth/.pt (torch)")
+        return _one_line(path, lambda: load_detectron2_resnet_pkl(backbone, path))
+    obj = read_torch_file(path, what="backbone weights file")
+
+    def dispatch() -> LoadReport:
+        state_dict = _unwrap_checkpoint(obj)
+        kind = detect_state_dict_format(state_dict)
+        if kind == "swin":
+            return load_swin_imagenet(backbone, state_dict)
+        if kind == "torchvision_resnet":
+            return load_torchvision_resnet(backbone, state_dict)
+        return load_detectron2_resnet_state_dict(backbone, state_dict, source=f"detectron2-named {path.name}")
+
+    return _one_line(path, dispatch)
+
+
+def _one_line(path: Path, load: Callable[[], LoadReport]) -> LoadReport:
+    """Run a loader; its errors become one ``CheckpointFormatError`` line that starts with the file."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path}: not a plain tensor checkpoint (torch.load weights_only=True refused it): {err}"
-        ) from err
-    state_dict = _unwrap_checkpoint(obj)
-    kind = detect_state_dict_format(state_dict)
-    if kind == "swin":
-        return load_swin_imagenet(backbone, state_dict)
-    if kind == "torchvision_resnet":
-        return load_torchvision_resnet(backbone, state_dict)
-    return load_detectron2_resnet_state_dict(backbone, state_dict, source=f"detectron2-named {path.name}")
+        return load()
+    except CheckpointFormatError:
+        raise
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+        text = " ".join(str(e).split())
+        raise CheckpointFormatError(f"{path}: {text[:400]}") from None
+
+
+def _resolve_named_weights(backbone: nn.Module, path: str | Path) -> Path:
+    """A file path as given, or the cached file of ``imagenet`` / a registry backbone name."""
+    candidate = Path(path)
+    if candidate.exists() or str(path) != candidate.name or "." in str(path):
+        return candidate
+    from ..weights import registry
+    from ..weights.download import fetch_file
+
+    if str(path) == "imagenet":
+        try:
+            entry = registry.backbone_entry_for(_backbone_config(backbone))
+        except ValueError as e:
+            raise CheckpointFormatError(f"imagenet: {e}") from None
+    else:
+        entry = registry.find(str(path))
+        if entry is None or entry.kind != "backbone":
+            raise CheckpointFormatError(f"{path}: no such backbone weights file, and not a backbone name ("
+                                        f"imagenet, {', '.join(m.name for m in registry.all_models() if m.kind == 'backbone')})")
+    return fetch_file(entry)
+
+
+def _backbone_config(backbone: nn.Module):
+    """The config fields that decide which ImageNet file fits ``backbone``, read from its tensors."""
+    from ..config import ResNetConfig, SwinConfig
+
+    sd = backbone.state_dict()
+    stage3 = r"^layers\.2\.blocks\.(\d+)\." if isinstance(backbone, SwinTransformer) else r"^res4\.(\d+)\."
+    blocks = 1 + max((int(m.group(1)) for k in sd if (m := re.match(stage3, k))), default=-1)
+    if isinstance(backbone, ResNet):
+        stem, width = int(sd["stem.conv1.weight"].shape[0]), int(sd["res2.0.conv1.weight"].shape[0])
+        depth = {6: 50, 23: 101, 36: 152}.get(blocks, 0)
+        return ResNetConfig(depth=depth or 50, stem_channels=stem, base_width=width,
+                            num_blocks=None if depth else (blocks,) * 4)
+    if isinstance(backbone, SwinTransformer):
+        table = sd["layers.0.blocks.0.attn.relative_position_bias_table"]
+        window = int(round((table.shape[0] ** 0.5 + 1) / 2))
+        return SwinConfig(embed_dim=int(sd["patch_embed.proj.weight"].shape[0]), depths=(2, 2, blocks, 2),
+                          window_size=window)
+    raise ValueError(f"no ImageNet weights are known for a {type(backbone).__name__} backbone")

@@ -1,4 +1,5 @@
-"""`focus-detr convert`: official detrex Focus-DETR checkpoint -> our self-describing weights file, verified."""
+"""`focus-detr convert`: any weights source (official detrex checkpoint or release zip, training checkpoint,
+Hugging Face folder, pretrained name) -> our self-describing weights file, verified."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from ..config import PRESETS
 EXAMPLES = """\
 examples:
   focus-detr convert focus_detr_r50_4scale_36ep.pth weights/r50_36ep.pt --preset r50_4scale
-  focus-detr convert focus_detr_r50_4scale_12ep.pth weights/r50_12ep.pt --preset r50_4scale_12ep
+  focus-detr convert focus_detr_r50_4scale_12ep.zip weights/r50_12ep.pt --preset r50_4scale_12ep
+  focus-detr convert runs/x/checkpoints/checkpoint_0001000.pth weights/x_ema.pt --ema
 
-The preset must match the checkpoint's training schedule: position-embedding settings are not stored in
-official checkpoints (r50_4scale / r101_4scale = 24 and 36 epochs, *_12ep = 12 epochs; Swin presets by size).
+For official checkpoints the preset must match the training schedule: position-embedding settings are not
+stored in them (r50_4scale / r101_4scale = 24 and 36 epochs, *_12ep = 12 epochs; Swin presets by size).
+Without --preset it is guessed from the keys (ResNet guesses assume 24/36 epochs) and the guess is printed.
 After writing OUT it is loaded back and checked: identical tensors, and identical outputs of the converted
 and the reloaded model on a random image (skip with --no-verify).
 """
@@ -23,14 +26,18 @@ and the reloaded model on a random image (skip with --no-verify).
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "convert", help="convert an official detrex checkpoint to a focus-detr weights file",
-        description="Convert an official detrex Focus-DETR checkpoint (.pth) into a focus-detr weights file "
+        "convert", help="convert an official detrex checkpoint (or any weights source) to a focus-detr weights file",
+        description="Convert an official detrex Focus-DETR checkpoint (.pth or release .zip), a training "
+                    "checkpoint, a Hugging Face folder or a pretrained name into a focus-detr weights file "
                     "(config + tensors, loadable with focus_detr.load or any focus-detr command).",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("official", metavar="OFFICIAL.pth", help="official checkpoint (detectron2 dict with 'model')")
+    p.add_argument("official", metavar="SOURCE", help="official checkpoint (detectron2 dict with 'model') or release "
+                   "zip; also a training checkpoint, Hugging Face folder or pretrained name")
     p.add_argument("out", metavar="OUT", help="weights file to write (e.g. weights/r50.pt)")
-    p.add_argument("--preset", required=True, choices=sorted(PRESETS), metavar="PRESET",
-                   help=f"architecture of the checkpoint, one of: {', '.join(sorted(PRESETS))}")
+    p.add_argument("--preset", choices=sorted(PRESETS), metavar="PRESET",
+                   help=f"architecture of an official checkpoint (default: guessed from its keys), one of: "
+                        f"{', '.join(sorted(PRESETS))}")
+    p.add_argument("--ema", action="store_true", help="for a training checkpoint: convert its EMA weights")
     p.add_argument("--no-verify", action="store_true", help="skip loading OUT back and comparing outputs")
     p.add_argument("--verify-size", type=int, nargs=2, default=(160, 224), metavar=("H", "W"),
                    help="size of the random verification image (default 160 224)")
@@ -40,32 +47,27 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from .. import api
-    from ..convert.official import extract_state_dict
-    from ..inference import _is_our_weights, short_error
+    from ..weights.kinds import build_for_state_dict, read_weights
     from .main import CLIError
 
-    src, out = Path(args.official), Path(args.out)
-    if not src.is_file():
-        raise CLIError(f"{src}: no such file")
+    src, out = args.official, Path(args.out)
     if out.exists() and not args.force:
         raise CLIError(f"{out} exists; pass --force to overwrite it")
-    if out.resolve() == src.resolve():
-        raise CLIError("OUT must differ from the official checkpoint")
+    if Path(src).exists() and out.resolve() == Path(src).resolve():
+        raise CLIError("OUT must differ from SOURCE")
     start = time.perf_counter()
-    if _is_our_weights(src):
+    read = read_weights(src, args.preset, args.ema)
+    if read.kind == "weights":
         raise CLIError(f"{src} is already a focus-detr weights file (see `focus-detr info {src}`)")
-    try:
-        state = extract_state_dict(src)
-    except Exception as e:  # noqa: BLE001 - truncated zip, foreign pickle, text...: say so without a traceback
-        raise CLIError(f"{src}: not a readable checkpoint ({short_error(e)})", code=1) from None
-    if not state:
-        raise CLIError(f"{src}: holds no tensors (expected a detectron2 checkpoint with a 'model' state dict)", code=1)
-    model, report = api.load_official(state, args.preset, return_report=True)
-    print(f"loaded {src} into preset {args.preset!r}: {report.summary()}")
-    if report.unconverted:  # load_official is strict, so this is only reachable if that ever changes
-        print("unconverted keys: " + ", ".join(report.unconverted[:20]), file=sys.stderr)
-    api.save(model, out, extra={"converted_from": src.name, "preset": args.preset,
-                                "conversion": report.summary()})
+    model = build_for_state_dict(read.cfg, read.state_dict, str(read.path or src), read.report)
+    summary = read.report.summary() if read.report is not None else f"{len(read.state_dict)} tensors"
+    print(f"loaded {read.description}: {summary}")
+    if read.report is not None and read.report.unconverted:  # unreachable while loading is strict
+        print("unconverted keys: " + ", ".join(read.report.unconverted[:20]), file=sys.stderr)
+    extra = {"converted_from": Path(src).name, "source_kind": read.kind, "conversion": summary}
+    if read.info.get("preset"):
+        extra["preset"] = read.info["preset"]
+    api.save(model, out, extra=extra)
     size_mb = out.stat().st_size / 2**20
     print(f"wrote {out} ({size_mb:.1f} MiB, {sum(p.numel() for p in model.parameters()):,} parameters)")
     if not args.no_verify:

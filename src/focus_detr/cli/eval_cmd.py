@@ -7,10 +7,13 @@ from pathlib import Path
 
 EPILOG = """\
 WEIGHTS is one of
+  * a pretrained name (`focus-detr models` lists them), downloaded once into the cache;
   * a focus-detr weights file (RUN_DIR/model_final.pth, `focus-detr convert` output): the model is rebuilt
     from the config stored in it;
   * a training checkpoint (RUN_DIR/checkpoints/checkpoint_*.pth; --ema takes its EMA weights);
-  * an official detrex Focus-DETR checkpoint, with --preset naming its config (COCO classes).
+  * an official detrex Focus-DETR checkpoint or release zip, with --preset naming its config (default:
+    guessed from its keys);
+  * a Hugging Face folder (config.json + model.safetensors).
 
 DATA_DIR is any layout `train` accepts (COCO, Roboflow COCO, YOLO, Pascal VOC); or --json FILE --images DIR.
 The model's classes are paired with the dataset's categories before anything runs: by name (names stored
@@ -22,6 +25,7 @@ Writes OUT/predictions.json (COCO results format, the annotation file's category
 
 examples:
   focus-detr eval runs/shapes/model_final.pth --data data/shapes
+  focus-detr eval focus_detr_r50_4scale_36ep --data /data/coco --split val2017
   focus-detr eval focus_detr_r50_36ep.pth --preset r50_4scale --data /data/coco --split val2017
   focus-detr eval model_final.pth --json my/val.json --images my/img --class-map '{"car": "truck", "7": null}'
   torchrun --nproc_per_node 8 -m focus_detr.cli.main eval model_final.pth --data /data/coco --split val2017"""
@@ -30,7 +34,8 @@ examples:
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="COCO evaluation of a weights file or checkpoint on a dataset split",
                        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("weights", metavar="WEIGHTS", help="weights file, training checkpoint or official checkpoint")
+    p.add_argument("weights", metavar="WEIGHTS", help="pretrained name, weights file, training checkpoint, official "
+                   "checkpoint or zip, or Hugging Face folder")
     p.add_argument("--data", metavar="DATA_DIR",
                    help="dataset folder (COCO, Roboflow COCO, YOLO or Pascal VOC layout); or --json/--images")
     p.add_argument("--json", metavar="FILE", help="COCO annotation json to evaluate on (instead of --data)")
@@ -43,7 +48,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="accept file_name entries leaving the image folder (absolute paths, '..'); refused by default")
     p.add_argument("--split", default="val", help="split to evaluate (default val)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: eval_SPLIT next to WEIGHTS)")
-    p.add_argument("--preset", help="preset of an official checkpoint (ignored for our own files)")
+    p.add_argument("--preset", help="preset of an official checkpoint (default: guessed from its keys; ignored for "
+                   "our own files)")
     p.add_argument("--ema", action="store_true", help="use the EMA weights of a training checkpoint")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
@@ -57,38 +63,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def load_any_model(path: str | Path, preset: str | None = None, ema: bool = False, **overrides):
-    """A :class:`~focus_detr.model.FocusDETR` from one of our weights files, a training checkpoint or (with
-    ``preset``) an official checkpoint. Raises ``CheckpointFormatError`` / ``CLIError`` with the reason."""
-    from .. import api
-    from ..config import config_from_dict, make_config
-    from ..convert import load_converted
-    from ..engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
-    from ..model import build_model
-    from .main import CLIError
+    """A :class:`~focus_detr.model.FocusDETR` from any weights source (:func:`focus_detr.weights.kinds.load_model`).
+    Raises ``CheckpointFormatError`` with the reason."""
+    from ..weights.kinds import load_model
 
-    path = Path(path)
-    payload = api.read_torch_file(path)
-    kind = payload.get("format") if isinstance(payload, dict) else None
-    if kind == api.WEIGHTS_FORMAT:
-        return api.load(path, **overrides)
-    if kind == CHECKPOINT_FORMAT:
-
-        state = load_checkpoint(path)  # verifies the checksum
-        cfg = config_from_dict(state["model_config"])
-        if overrides:
-            cfg = make_config(cfg, **overrides)
-        model = build_model(cfg)
-        weights = state["model"]
-        if ema:
-            if state.get("ema") is None:
-                raise CLIError(f"{path} holds no EMA weights (the run was trained without --ema)")
-            weights = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
-        load_converted(model, weights, source=str(path))
-        return model.eval()
-    if preset is None:
-        raise api.CheckpointFormatError(f"{path}: not a focus-detr weights file or training checkpoint; for an "
-                                        "official checkpoint pass --preset (e.g. r50_4scale)")
-    return api.load_official(payload, preset, **overrides)
+    return load_model(path, preset, ema, **overrides)[0]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from .predict_cmd import add_model_options, model_from_args, positive_int, split
 
 EXAMPLES = """\
 examples:
+  focus-detr explain focus_detr_r50_4scale_36ep photo.jpg --out runs/explain
   focus-detr explain weights.pt photo.jpg --out runs/explain
   focus-detr explain --preset tiny --random-init photo.jpg --out runs/explain    # no weights: demo
   focus-detr explain weights.pt https://example.com/street.jpg --out runs/explain # downloaded first
@@ -31,8 +32,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         usage="focus-detr explain [options] (WEIGHTS | --preset P --random-init) IMAGE --out DIR",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="WEIGHTS IMAGE",
-                   help="weights file (ours, or an official checkpoint with --preset), then one image file or "
-                        "http(s) URL")
+                   help="weights (pretrained name, weights file, checkpoint, official .pth/.zip, Hugging Face "
+                        "folder), then one image file or http(s) URL")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--score-threshold", type=unit_float, default=0.3,
                    help="draw detections with at least this score (default 0.3)")

@@ -1,4 +1,4 @@
-"""`focus-detr info`: what a preset, a weights file or an official checkpoint contains."""
+"""`focus-detr info`: what a preset or any weights source contains, and which kind of file it is."""
 
 from __future__ import annotations
 
@@ -14,53 +14,57 @@ EXAMPLES = """\
 examples:
   focus-detr info tiny                                   # a preset: config and parameter count
   focus-detr info weights/r50_36ep.pt                    # one of our weights files
+  focus-detr info runs/x/checkpoints/checkpoint_0000100.pth   # a training checkpoint (--ema: its EMA weights)
   focus-detr info focus_detr_r50_4scale_36ep.pth --preset r50_4scale   # official: where each key goes
+  focus-detr info focus_detr_r50_4scale_36ep             # a pretrained name (downloaded once)
   focus-detr info weights/r50_36ep.pt --json             # machine-readable
 """
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "info", help="show a preset's or a checkpoint's config, parameter counts and key mapping",
-        description="Describe a preset name, a focus-detr weights file, or an official detrex checkpoint: "
-                    "the model config, parameters per top-level module and, for official checkpoints loaded "
-                    "with --preset, which official keys became which of ours.",
+        "info", help="show a preset's or a weights source's kind, config, parameter counts and key mapping",
+        description="Describe a preset name or any weights source (pretrained name, focus-detr weights file, "
+                    "training checkpoint, official detrex checkpoint or release zip, Hugging Face folder): its "
+                    "kind, the model config, parameters per top-level module and, for official checkpoints, "
+                    "which official keys became which of ours.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("target", metavar="WEIGHTS|PRESET", help=f"a file, or a preset: {', '.join(sorted(PRESETS))}")
+    p.add_argument("target", metavar="WEIGHTS|PRESET",
+                   help=f"a weights source, or a preset: {', '.join(sorted(PRESETS))}")
     p.add_argument("--preset", choices=sorted(PRESETS), metavar="PRESET",
-                   help="for an official checkpoint: the architecture to map it onto")
+                   help="for an official checkpoint: the architecture to map it onto (default: guessed from its keys)")
+    p.add_argument("--ema", action="store_true", help="for a training checkpoint: describe its EMA weights")
     p.add_argument("--keys", action="store_true", help="list every official -> our key mapping")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import api
     from ..config import config_to_dict, make_config
+    from ..weights import registry
+    from ..weights.kinds import KIND_NAMES, read_weights
     from .main import CLIError
 
     target = args.target
-    path = Path(target)
+    if not Path(target).exists() and target not in PRESETS and registry.find(target) is None and "/" not in target:
+        raise CLIError(f"{target!r} is neither a file nor a preset ({', '.join(sorted(PRESETS))}) nor a pretrained "
+                       "model name (`focus-detr models`)")
     info: dict[str, Any]
-    if target in PRESETS and not path.exists():
+    if target in PRESETS and not Path(target).exists():
         cfg = make_config(target)
         info = {"kind": "preset", "name": target, "config": config_to_dict(cfg), "parameters": _param_counts(cfg)}
-    elif path.is_file():
-        try:
-            payload = api.read_weights_file(path)
-        except api.CheckpointFormatError:
-            payload = None  # not one of ours: try it as an official checkpoint
-        if payload is not None:
-            from ..config import config_from_dict
-
-            cfg = config_from_dict(payload["config"])
-            info = {"kind": "weights", "path": str(path), "format_version": payload.get("format_version"),
-                    "sha256": payload.get("sha256"), "extra": payload.get("extra", {}),
-                    "config": config_to_dict(cfg), "parameters": _param_counts(cfg, payload["state_dict"])}
-        else:
-            info = _official_info(path, args.preset)
     else:
-        raise CLIError(f"{target!r} is neither a file nor a preset ({', '.join(sorted(PRESETS))})")
+        try:
+            read = read_weights(target, args.preset, args.ema)
+        except Exception as e:
+            info = _unrecognised_official(target, e)
+        else:
+            info = {"kind": read.kind, "kind_name": KIND_NAMES[read.kind], "source": target,
+                    "path": str(read.path) if read.path else None, "description": read.description,
+                    **read.info, "extra": read.extra, "config": config_to_dict(read.cfg),
+                    "parameters": _param_counts(read.cfg, read.state_dict)}
+            if read.report is not None:
+                info.update(_official_mapping(read.report))
 
     if args.json:
         if not args.keys:
@@ -71,39 +75,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _official_info(path: Path, preset: str | None) -> dict[str, Any]:
-    """Describe an official checkpoint; with ``preset``, convert it and report where every key went."""
-    from .. import api
-    from ..config import config_to_dict, make_config
-    from ..convert.official import extract_state_dict
-    from ..inference import short_error
-    from .main import CLIError
+def _unrecognised_official(target: str, error: Exception) -> dict[str, Any]:
+    """An official checkpoint whose architecture could not be guessed: its key groups (else re-raise)."""
+    from ..weights.kinds import identify, official_state_dict
 
-    try:
-        state = extract_state_dict(path)
-    except Exception as e:  # noqa: BLE001 - any unreadable file: say what we tried
-        raise CLIError(f"{path}: neither a focus-detr weights file nor a readable official checkpoint "
-                       f"({short_error(e)})", code=1) from None
-    prefixes = Counter(_prefix(k) for k in state)
-    info: dict[str, Any] = {"kind": "official", "path": str(path), "num_keys": len(state),
-                            "num_values": int(sum(v.numel() for v in state.values())),
-                            "key_prefixes": dict(sorted(prefixes.items()))}
-    if preset is None:
-        info["note"] = "pass --preset to map the keys onto a focus-detr model and see the conversion report"
-        return info
-    _, report = api.load_official(state, preset, return_report=True)  # strict: fails on any misfit
-    cfg = make_config(preset)
+    if "not recognisable from its keys" not in str(error):
+        raise error
+    src = identify(target)
+    if src.kind != "official":
+        raise error
+    state = official_state_dict(src.payload, str(src.path))
+    return {"kind": "official", "kind_name": "official detrex checkpoint", "path": str(src.path),
+            "num_keys": len(state), "num_values": int(sum(v.numel() for v in state.values())),
+            "key_prefixes": dict(sorted(Counter(_prefix(k) for k in state).items())),
+            "note": "the architecture is not recognisable from the keys: pass --preset to map them onto a "
+                    "focus-detr model and see the conversion report"}
+
+
+def _official_mapping(report) -> dict[str, Any]:
+    """Where our modules' weights came from in an official checkpoint."""
+    official_keys = list(report.converted) + list(report.aliases) + report.ignored + report.unconverted
     sources: dict[str, Counter] = defaultdict(Counter)
     for official, ours in report.converted.items():
         sources[ours.split(".")[0]][_prefix(official)] += 1
-    info.update({
-        "preset": preset, "conversion": report.summary(), "config": config_to_dict(cfg),
-        "parameters": _param_counts(cfg),
-        "sources": {module: dict(c) for module, c in sorted(sources.items())},
-        "aliases": len(report.aliases), "ignored": report.ignored, "unconverted": report.unconverted,
-        "key_map": dict(report.converted),
-    })
-    return info
+    return {"num_keys": len(official_keys), "key_prefixes": dict(sorted(Counter(_prefix(k) for k in official_keys).items())),
+            "conversion": report.summary(), "sources": {module: dict(c) for module, c in sorted(sources.items())},
+            "aliases": len(report.aliases), "ignored": report.ignored, "unconverted": report.unconverted,
+            "key_map": dict(report.converted)}
 
 
 def _prefix(key: str) -> str:
@@ -114,15 +112,11 @@ def _prefix(key: str) -> str:
 
 def _param_counts(cfg, state_dict: dict | None = None) -> dict[str, int]:
     """Parameters per top-level module (buffers such as frozen batch-norm statistics are not counted)."""
-    import torch
 
     from ..model import build_model
 
-    try:
-        with torch.device("meta"):  # no memory, no init cost; some backbones need real tensors to build
-            model = build_model(cfg)
-    except RuntimeError:
-        model = build_model(cfg)
+    # A real build (not the meta device: its first use costs seconds of start-up in every process).
+    model = build_model(cfg)
     counts: Counter = Counter()
     for name, p in model.named_parameters():
         counts[name.split(".")[0]] += p.numel()
@@ -138,19 +132,26 @@ def _render(info: dict[str, Any], show_keys: bool) -> str:
     kind = info["kind"]
     if kind == "preset":
         lines.append(f"preset {info['name']}")
-    elif kind == "weights":
-        lines.append(f"focus-detr weights file {info['path']} (format version {info['format_version']})")
-        lines.append(f"  sha256 of tensors: {info['sha256']}")
-        for k, v in info["extra"].items():
-            lines.append(f"  {k}: {v}")
-    else:
-        lines.append(f"official checkpoint {info['path']}: {info['num_keys']} tensors, {info['num_values']:,} values")
+    elif "description" not in info:  # an official checkpoint of unknown architecture
+        lines.append(f"kind: {info['kind_name']} ({kind})")
+        lines.append(f"{info['path']}: {info['num_keys']} tensors, {info['num_values']:,} values")
         for prefix, n in info["key_prefixes"].items():
             lines.append(f"  {prefix:<40s} {n:5d} keys")
-        if "note" in info:
-            lines.append(info["note"])
-            return "\n".join(lines)
-        lines.append(f"mapped onto preset {info['preset']!r}: {info['conversion']}")
+        lines.append(info["note"])
+        return "\n".join(lines)
+    else:
+        lines.append(f"kind: {info['kind_name']} ({kind})" + (f", holding a {info['inner_kind']} file {info['member']}"
+                                                               if "member" in info else ""))
+        lines.append(f"source: {info['description']}")
+        if info.get("sha256"):
+            lines.append(f"  sha256 (config + tensors): {info['sha256']}")
+        for k, v in info.get("extra", {}).items():
+            lines.append(f"  {k}: {v}")
+    if "conversion" in info:
+        lines.append(f"official keys: {info['num_keys']}")
+        for prefix, n in info["key_prefixes"].items():
+            lines.append(f"  {prefix:<40s} {n:5d} keys")
+        lines.append(f"mapped onto preset {info.get('preset')!r}: {info['conversion']}")
         lines.append("where our modules' weights come from (our module <- official key prefix: count):")
         for module, src in info["sources"].items():
             parts = ", ".join(f"{p} ({n})" for p, n in sorted(src.items(), key=lambda kv: -kv[1]))

@@ -2,8 +2,9 @@
 camera / RTSP streams.
 
 Also holds the model-selection options shared by ``explain`` and ``export`` (:func:`add_model_options`,
-:func:`model_from_args`): a weights file of ours, an official checkpoint with ``--preset``, or ``--preset P
---random-init`` instead of a weights file.
+:func:`model_from_args`): WEIGHTS is any weights source (a pretrained name, our weights file, a training
+checkpoint with optional ``--ema``, an official checkpoint or release zip with optional ``--preset``, a
+Hugging Face folder), or ``--preset P --random-init`` instead of WEIGHTS.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ..config import PRESETS
 
 EXAMPLES = """\
 examples:
+  focus-detr predict focus_detr_r50_4scale_36ep photos/ --out runs/predict   # pretrained: downloaded once
   focus-detr predict weights.pt photos/ extra.jpg "more/**/*.png" --out runs/predict
   focus-detr predict r50_36ep.pth photos/ --preset r50_4scale --out runs/predict --device cuda --batch-size 8
   focus-detr predict --preset tiny --random-init photos/ --out runs/smoke      # no weights: smoke test
@@ -34,11 +36,14 @@ Exit code 0 if every input was read, 1 if any failed (the rest are still process
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """``--preset``, ``--random-init``, ``--seed`` and ``--device`` (shared by predict, explain, export)."""
+    """``--preset``, ``--ema``, ``--random-init``, ``--seed`` and ``--device`` (shared by predict, explain,
+    export)."""
     group = parser.add_argument_group("model")
     group.add_argument("--preset", choices=sorted(PRESETS), metavar="PRESET",
-                       help="with an official detrex checkpoint as WEIGHTS: the architecture to load it into; "
-                            f"with --random-init: the model to build. One of: {', '.join(sorted(PRESETS))}")
+                       help="with an official detrex checkpoint as WEIGHTS: the architecture to load it into (default: "
+                            "guessed from its keys); with --random-init: the model to build. One of: "
+                            f"{', '.join(sorted(PRESETS))}")
+    group.add_argument("--ema", action="store_true", help="with a training checkpoint as WEIGHTS: use its EMA weights")
     group.add_argument("--random-init", action="store_true",
                        help="no weights file: build --preset with random weights (smoke tests, demos)")
     group.add_argument("--seed", type=int, default=0, help="random seed for --random-init (default 0)")
@@ -62,7 +67,7 @@ def model_from_args(args: argparse.Namespace, weights: str | None):
     """Load the model the options describe; returns ``(model, description)``."""
     from ..inference import load_model
 
-    return load_model(weights, args.preset, args.random_init, args.device, args.seed)
+    return load_model(weights, args.preset, args.random_init, args.device, args.seed, ema=getattr(args, "ema", False))
 
 
 def check_output_folder(folder: str, what: str = "--out") -> None:
@@ -106,8 +111,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         usage="focus-detr predict [options] (WEIGHTS | --preset P --random-init) INPUT [INPUT ...] --out DIR",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="WEIGHTS INPUT",
-                   help="weights file (ours, or an official checkpoint with --preset), then images, videos, folders, "
-                        "globs, http(s) URLs, camera:N or rtsp:// streams")
+                   help="weights (pretrained name, weights file, checkpoint, official .pth/.zip, Hugging Face "
+                        "folder), then images, videos, folders, globs, http(s) URLs, camera:N or rtsp:// streams")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="images per forward pass (default 1)")
     p.add_argument("--score-threshold", type=unit_float, default=0.3,

@@ -16,11 +16,11 @@ DATA_DIR is recognised as COCO (`focus-detr make-data shapes` writes it), a Robo
 examples:
   focus-detr train --preset tiny --data data/shapes --out runs/shapes --max-iters 2000 --lr 2e-4 --backbone-lr 2e-4
   focus-detr train --preset r50_4scale_12ep --data /data/coco --out runs/r50 --schedule 12ep \\
-      --backbone-weights resnet50-0676ba61.pth --batch-size 2 --amp
+      --backbone-weights imagenet --batch-size 2 --amp
   torchrun --nproc_per_node 8 -m focus_detr.cli.main train --preset r50_4scale_12ep --data /data/coco --out runs/r50
   focus-detr train ... --resume auto        # continue the newest complete checkpoint in --out
   focus-detr train --train-json my/train.json --train-images my/img --val-json my/val.json --val-images my/img --out runs/my
-  focus-detr train --preset r50_4scale --init-weights focus_detr_r50_4scale_36ep.pth --data my_coco ...  # fine-tune
+  focus-detr train --preset r50_4scale --init-weights focus_detr_r50_4scale_36ep --data my_coco ...  # fine-tune
   focus-detr train ... --overwrite          # replace the run in --out (without it an existing run is refused)
 
 RUN_DIR holds one run: an existing run is refused unless --resume or --overwrite; RUN_DIR/.lock keeps a second
@@ -68,11 +68,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
     g.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
                    help="model config override, repeatable, e.g. --set decoder.num_queries=300 --set encoder.mode=dense")
-    g.add_argument("--backbone-weights", metavar="PATH",
-                   help="ImageNet backbone file (torchvision ResNet .pth, detectron2 .pkl, Swin .pth); fresh runs only")
-    g.add_argument("--init-weights", metavar="PATH",
-                   help="fine-tune from a weights file, training checkpoint or official checkpoint of --preset; "
-                        "tensors of another shape (class heads of another label set) start fresh")
+    g.add_argument("--backbone-weights", metavar="PATH|imagenet",
+                   help="ImageNet backbone: 'imagenet' (the official recipe's file for --preset's backbone, downloaded "
+                        "once), a backbone name from `focus-detr models`, or a file (torchvision ResNet .pth, "
+                        "detectron2 .pkl, Swin .pth); fresh runs only")
+    g.add_argument("--init-weights", metavar="WEIGHTS",
+                   help="fine-tune from a pretrained name, weights file, training checkpoint, official checkpoint or "
+                        "zip of --preset, or Hugging Face folder; tensors of another shape (class heads of another "
+                        "label set) start fresh")
 
     g = p.add_argument_group("dataset files (instead of or on top of --data)")
     g.add_argument("--train-json", metavar="FILE", help="COCO annotation json of the training split (any layout)")

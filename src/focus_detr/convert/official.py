@@ -95,7 +95,9 @@ def extract_state_dict(obj: Mapping | str | Path) -> dict[str, Tensor]:
     """Accept a path, a detectron2 checkpoint dict (``{"model": sd, ...}``) or a bare state dict; strip
     ``module.`` prefixes (DDP)."""
     if isinstance(obj, (str, Path)):
-        obj = torch.load(str(obj), map_location="cpu", weights_only=True)
+        from ..weights.files import read_torch_file  # the one torch.load (weights_only=True, one-line errors)
+
+        obj = read_torch_file(obj)
     if not isinstance(obj, Mapping):
         raise TypeError(f"expected a state dict or a checkpoint dict, got {type(obj).__name__}")
     sd = obj.get("model", obj) if "model" in obj and isinstance(obj.get("model"), Mapping) else obj

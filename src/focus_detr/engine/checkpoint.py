@@ -19,14 +19,14 @@ file from an untrusted source cannot run code::
     counters        {"skipped_steps": ...}
     sha256          digest of everything above (tensor bytes included)
 
-Files are written to a temporary name in the same folder, flushed and fsync'ed, then renamed over the
-final name, so a crash never leaves a half-written file under a checkpoint name.
+Files are written to a temporary name unique to the process in the same folder, flushed and fsync'ed, then
+renamed over the final name (:func:`focus_detr.weights.files.atomic_write`), so a crash never leaves a
+half-written file under a checkpoint name; :func:`focus_detr.weights.files.remove_orphaned_temporaries`
+removes the temporaries of writers that died.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import random
 import re
 import warnings
@@ -36,52 +36,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from ..api import CheckpointFormatError, read_torch_file
-
-CHECKPOINT_FORMAT = "focus-detr-train-checkpoint"
-CHECKPOINT_FORMAT_VERSION = 1
+# Reading, checksum and atomic writing are focus_detr.weights' (one of each for every model file); the names
+# stay importable from here for the training code.
+from ..weights.files import CheckpointFormatError, atomic_torch_save, read_torch_file, tree_digest
+from ..weights.kinds import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, verify_training_checkpoint
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^checkpoint_(\d+)\.pth$")
 
 
 def checkpoint_path(run_dir: str | Path, iteration: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"checkpoint_{iteration:07d}.pth"
-
-
-# --------------------------------------------------------------------------------------------------
-# Digest of a nested structure of plain values
-
-
-def _update_digest(h: "hashlib._Hash", obj: Any, where: str) -> None:
-    if isinstance(obj, Tensor):
-        t = obj.detach().cpu().contiguous().reshape(-1)
-        h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
-        if t.numel():
-            h.update(t.view(torch.uint8).numpy().tobytes())
-    elif isinstance(obj, Mapping):
-        h.update(f"D{len(obj)}".encode())
-        for key in sorted(obj, key=lambda k: (type(k).__name__, str(k))):
-            _update_digest(h, key, where)
-            _update_digest(h, obj[key], f"{where}/{key}")
-    elif isinstance(obj, (list, tuple)):
-        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}".encode())
-        for i, item in enumerate(obj):
-            _update_digest(h, item, f"{where}[{i}]")
-    elif obj is None or isinstance(obj, (bool, int, float, str)):
-        h.update(f"{type(obj).__name__}:{obj!r};".encode())
-    else:
-        # Also the guard that keeps checkpoints weights_only-safe: nothing else may go in.
-        raise TypeError(f"checkpoint entry {where or '/'} has type {type(obj).__name__}; only plain values "
-                        "and tensors may be stored")
-
-
-def tree_digest(obj: Any) -> str:
-    """sha256 over a nested structure of plain values and tensors (dict order does not matter)."""
-    h = hashlib.sha256()
-    _update_digest(h, obj, "")
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,30 +91,6 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 # Save / load
 
 
-def atomic_torch_save(payload: Any, path: Path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, rename over ``path``, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-    return path
-
-
 def save_checkpoint(path: str | Path, content: Mapping[str, Any]) -> Path:
     """Write ``content`` (plain values and tensors) with the format header and checksum, atomically."""
     payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION, **content}
@@ -162,23 +103,7 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
     the file is missing, truncated, foreign, from a newer version or corrupted."""
     path = Path(path)
     payload = read_torch_file(path, what="checkpoint file")
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        hint = ""
-        if isinstance(payload, dict) and payload.get("format") == "focus-detr-weights":
-            hint = " It is a focus-detr weights file (model only): use it with `focus-detr eval` / `predict`."
-        elif isinstance(payload, dict) and "model" in payload:
-            hint = " It looks like a detectron2/detrex checkpoint: convert it with `focus-detr convert` first."
-        raise CheckpointFormatError(f"{path}: not a focus-detr training checkpoint.{hint}")
-    version = payload.get("format_version", 0)
-    if not isinstance(version, int) or version > CHECKPOINT_FORMAT_VERSION:
-        raise CheckpointFormatError(f"{path}: checkpoint format version {version} is newer than this focus-detr "
-                                    f"understands ({CHECKPOINT_FORMAT_VERSION}); upgrade focus-detr")
-    if verify:
-        stored = payload.pop("sha256", None)
-        if stored is None or tree_digest(payload) != stored:
-            raise CheckpointFormatError(f"{path}: checksum mismatch, the checkpoint is corrupted")
-        payload["sha256"] = stored
-    return payload
+    return verify_training_checkpoint(payload, str(path), verify)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:

@@ -232,8 +232,8 @@ def environment_info() -> dict[str, Any]:
 
 
 def write_json(path: str | Path, payload: Any) -> None:
+    from ..weights.files import atomic_write_bytes  # unique temporary name per process, fsync, rename
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(_clean(payload), indent=2) + "\n")
-    tmp.replace(p)
+    atomic_write_bytes(p, (json.dumps(_clean(payload), indent=2) + "\n").encode())

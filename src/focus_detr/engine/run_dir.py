@@ -29,7 +29,8 @@ LOCK_NAME = ".lock"
 RUN_ENTRIES: tuple[str, ...] = ("config.json", "environment.json", "metrics.jsonl", "log.txt", "tensorboard",
                                 "checkpoints", "eval", "model_final.pth", "model_final_ema.pth", "model_last.pth",
                                 "model_best.pth")
-_TEMPORARY_PATTERNS: tuple[str, ...] = (".*.tmp-*", "*.pth.tmp", "*.json.tmp", ".*.pth.tmp*")
+# Fixed temporary names of versions before the one atomic writer (focus_detr.weights.files.atomic_write).
+_LEGACY_TEMPORARY_PATTERNS: tuple[str, ...] = ("*.pth.tmp", "*.json.tmp")
 
 
 class RunDirError(RuntimeError):
@@ -164,20 +165,21 @@ class RunLock:
 
 def remove_orphaned_temporaries(run_dir: str | Path) -> list[Path]:
     """Delete temporary files a killed writer left in ``run_dir`` and ``run_dir/checkpoints`` (call it while
-    holding the :class:`RunLock`); returns what was removed."""
+    holding the :class:`RunLock`: no other process writes there, so every temporary is an orphan, whatever
+    process id its name holds); returns what was removed."""
+    from ..weights.files import remove_orphaned_temporaries as remove_in_folder
+
     root = Path(run_dir)
-    removed = []
+    removed: list[Path] = []
     for folder in (root, root / "checkpoints"):
-        if not folder.is_dir():
-            continue
-        for pattern in _TEMPORARY_PATTERNS:
-            for path in folder.glob(pattern):
-                if path.is_file() and path not in removed:
-                    try:
-                        path.unlink()
-                        removed.append(path)
-                    except OSError:
-                        pass
+        removed += remove_in_folder(folder, max_age_s=0.0)
+        for pattern in _LEGACY_TEMPORARY_PATTERNS:
+            for path in folder.glob(pattern) if folder.is_dir() else ():
+                try:
+                    path.unlink()
+                    removed.append(path)
+                except OSError:
+                    pass
     return removed
 
 

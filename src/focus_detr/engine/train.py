@@ -750,16 +750,13 @@ def ema_update_fn(decay: float):
     return update
 
 
-def read_any_state_dict(path: str | Path, preset: str) -> dict[str, torch.Tensor]:
-    """Model weights (our names) from one of our weights files, a training checkpoint, or an official detrex
-    checkpoint of ``preset``."""
-    payload = api.read_torch_file(path)
-    kind = payload.get("format") if isinstance(payload, dict) else None
-    if kind == api.WEIGHTS_FORMAT:
-        return api.read_weights_file(path)["state_dict"]
-    if kind == ckpt.CHECKPOINT_FORMAT:
-        return ckpt.load_checkpoint(path)["model"]
-    return api.load_official(payload, preset).state_dict()
+def read_any_state_dict(path: str | Path, preset: str | None) -> dict[str, torch.Tensor]:
+    """Model weights (our names) from any weights source (:func:`focus_detr.weights.kinds.read_state_dict`: our
+    weights file, training checkpoint, official checkpoint or zip of ``preset``, Hugging Face folder,
+    pretrained name)."""
+    from ..weights.kinds import read_state_dict
+
+    return read_state_dict(path, preset)
 
 
 def load_matching_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[int, list[str]]:

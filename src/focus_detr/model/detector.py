@@ -164,6 +164,19 @@ class FocusDETR(nn.Module):
     def per_image(self) -> bool:
         return self.cfg.batch_mode == "invariant"
 
+    def save_pretrained(self, folder: str, extra: dict | None = None):
+        """Write ``folder/config.json`` + ``folder/model.safetensors`` (the Hugging Face layout; needs the
+        ``hf`` extra); ``focus_detr.from_pretrained(folder)`` loads it back. Files are :mod:`focus_detr.weights`'."""
+        from ..weights.hf import save_pretrained  # the file formats live above the model; imported on use
+
+        return save_pretrained(self, folder, extra)
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
+        """Upload in the Hugging Face layout to Hub repo ``repo_id`` (needs the ``hub`` extra); returns its URL."""
+        from ..weights.hf import push_to_hub
+
+        return push_to_hub(self, repo_id, private=private, token=token)
+
     def batch(self, images: list[Tensor]) -> ImageBatch:
         """Normalise and pad ``[3, h, w]`` RGB images (0..255) into an :class:`ImageBatch` on the model's device."""
         return batch_images([im.to(self.device) for im in images], self.cfg.pixel_mean, self.cfg.pixel_std)
