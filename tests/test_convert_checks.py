@@ -82,3 +82,18 @@ def test_integer_buffer_problems_lists_every_damaged_key(small_swin_cfg):
 def test_float_models_have_nothing_to_check():
     model = focus_detr.build_model("tiny")
     assert integer_buffer_problems(model, model.state_dict()) == []
+
+
+def test_init_weights_with_damaged_index_are_refused(small_swin_cfg):
+    """``train --init-weights`` copies tensors by name and shape; a damaged integer buffer is refused there
+    too, while intact weights load."""
+    from focus_detr.engine.train import load_matching_weights
+
+    torch.manual_seed(0)
+    source = focus_detr.build_model(small_swin_cfg).state_dict()
+    loaded, _ = load_matching_weights(focus_detr.build_model(small_swin_cfg), source)
+    assert loaded == len(source)
+    damaged = dict(source)
+    damaged[INDEX_KEY] = torch.zeros_like(source[INDEX_KEY])
+    with pytest.raises(focus_detr.CheckpointFormatError, match=INDEX_KEY.replace(".", r"\.")):
+        load_matching_weights(focus_detr.build_model(small_swin_cfg), damaged)

@@ -761,7 +761,15 @@ def read_any_state_dict(path: str | Path, preset: str | None) -> dict[str, torch
 
 def load_matching_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[int, list[str]]:
     """Copy every tensor of ``state_dict`` whose name and shape exist in ``model``; return how many were
-    copied and the model's tensors left as they were (e.g. class heads of another number of classes)."""
+    copied and the model's tensors left as they were (e.g. class heads of another number of classes).
+    A floating tensor offered for an integer buffer, or an integer buffer whose values differ from the
+    model's own (Swin's relative position index), is refused, as every loader does."""
+    from ..convert.checks import integer_buffer_problems
+    from ..weights.files import CheckpointFormatError
+
+    problems = integer_buffer_problems(model, state_dict)
+    if problems:
+        raise CheckpointFormatError("the initial weights damage integer buffers: " + "; ".join(problems[:5]))
     own = model.state_dict()
     matching = {k: v for k, v in state_dict.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
     model.load_state_dict(matching, strict=False)
