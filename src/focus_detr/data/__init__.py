@@ -9,7 +9,9 @@ from focus_detr.data.errors import DataError, DataWarning
 from focus_detr.data.io import MAX_IMAGE_PIXELS, load_image, to_rgb_array
 from focus_detr.data.synthetic import (
     SHAPES_CLASS_NAMES,
+    SHAPES_LAYOUTS,
     ShapesDatasetInfo,
+    ShapesLayout,
     ensure_shapes_dataset,
     make_shapes_dataset,
 )
@@ -34,7 +36,9 @@ __all__ = [
     "RandomHorizontalFlip",
     "ResizeShortestEdge",
     "SHAPES_CLASS_NAMES",
+    "SHAPES_LAYOUTS",
     "ShapesDatasetInfo",
+    "ShapesLayout",
     "build_test_transforms",
     "build_train_transforms",
     "collate_detection",
