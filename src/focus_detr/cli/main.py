@@ -12,7 +12,8 @@ import importlib
 import sys
 
 # Order = order in --help.
-COMMANDS = ["demo", "make_data", "train", "eval", "predict", "explain", "convert", "info", "export", "benchmark"]
+COMMANDS = ["demo", "make_data", "train", "eval", "predict", "explain", "convert", "info", "export", "benchmark",
+            "compare"]
 
 
 class CLIError(Exception):
