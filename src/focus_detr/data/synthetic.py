@@ -78,8 +78,9 @@ class ShapesLayout:
 
 # "shapes": the demo's dataset (the generator's defaults). "crowded-shapes": where token selection matters --
 # 384 x 512 images, 8-24 objects of which about half are small (10-32 px) and the rest medium (a few large,
-# up to 115 px), three times the clutter plus dull decoy shapes; objects cover roughly 10 % of the image, so
-# most tokens are background an encoder can skip, and the small objects live on the fine stride-8 level.
+# up to 115 px), three times the clutter plus dull decoy shapes; the object boxes add up to about a third of
+# the image, so most tokens are background an encoder can skip, and the small objects live on the fine
+# stride-8 level.
 SHAPES_LAYOUTS: dict[str, ShapesLayout] = {
     "shapes": ShapesLayout(image_size=(192, 256), objects_per_image=(1, 6), min_object_size=12,
                            max_object_fraction=0.6, small_fraction=0.2, clutter=1.0),

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -283,6 +284,14 @@ def train_and_evaluate(spec: RunSpec) -> dict[str, Any] | None:
     h, w = spec.image_size
     run_dir = Path(spec.run_dir)
     start = time.perf_counter()
+    # A folder left by a run with other settings must not be resumed as if it were this one.
+    spec_path = run_dir / "run_spec.json"
+    if run_dir.exists() and _read_json(spec_path) != spec.identity():
+        warnings.warn(f"{run_dir}: made with other settings (or unknown ones); starting this run afresh",
+                      stacklevel=1)
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(spec_path, spec.identity())
     cfg = TrainConfig(
         data_dir=spec.data_dir, out_dir=str(run_dir), preset=r.preset,
         model_overrides=model_overrides(r, spec.setting, spec.image_size), val_split=None, schedule=None,
@@ -369,10 +378,14 @@ def compare_modes(data_dir: str | Path, out_dir: str | Path, recipe: CompareReci
             api.save(model, path, extra={"purpose": "compare-modes shared initialisation", "seed": seed})
         init_paths[seed] = path
 
-    # 3. Training runs (seed-major: a complete seed first) -------------------------------------------------
+    # 3. Training runs -------------------------------------------------------------------------------
+    # Order: the matched comparison (dense, sparse, focus) for every seed first, then the speed knob, so an
+    # interrupted comparison has its main result complete first.
+    ordered = [(seed, s) for seed in recipe.seeds for s in settings if s.role != "speed"]
+    ordered += [(seed, s) for seed in recipe.seeds for s in settings if s.role == "speed"]
     specs = [RunSpec(s, seed, str(out / "runs" / f"{s.name}_seed{seed}"), str(init_paths[seed]), data.data_dir,
                      recipe, size, progress and jobs == 1)
-             for seed in recipe.seeds for s in settings]
+             for seed, s in ordered]
     results: dict[str, dict[str, Any]] = {}
     todo = []
     for spec in specs:
