@@ -694,9 +694,13 @@ def plot_ap_vs_gflops(comparison: dict[str, Any], path: str | Path) -> Path:
             continue
         xs = [r["encoder_gflops"] for r in runs]
         ys = [r["AP"] for r in runs]
-        marker = "o" if s["role"] != "speed" else "^"
-        label = f"{name} (keep {s['keep_ratio']:g})" if s["mode"] != "dense" else "dense"
-        ax.scatter(xs, ys, color=colours.get(s["mode"], "k"), marker=marker, alpha=0.55, s=28, label=label)
+        # sparse and focus sit at the same x (matched cost): different markers, sparse's hollow.
+        marker = {"dense": "D", "sparse": "s"}.get(s["mode"], "o" if s["role"] != "speed" else "^")
+        label = "dense" if s["mode"] == "dense" else f"{s['mode']}, keep {s['keep_ratio']:g}" + (
+            " (matched cost)" if s["role"] == "matched" else "")
+        colour = colours.get(s["mode"], "k")
+        face = "none" if s["mode"] == "sparse" else colour
+        ax.scatter(xs, ys, edgecolors=colour, facecolors=face, marker=marker, alpha=0.7, s=36, label=label)
         ax.scatter([xs[0]], [statistics.fmean(ys)], color=colours.get(s["mode"], "k"), marker="_", s=260,
                    linewidths=2)
     ax.set_xlabel("encoder GFLOPs (one image at the evaluation size)")
@@ -705,7 +709,7 @@ def plot_ap_vs_gflops(comparison: dict[str, Any], path: str | Path) -> Path:
     ax.set_title(f"{comparison['recipe']['preset']} preset: AP vs encoder cost ({n} seed{'s' * (n > 1)}; bar = mean)",
                  fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
