@@ -89,6 +89,8 @@ def test_compare_modes_end_to_end(tmp_path) -> None:
     # Same initialisation per seed: every mode loaded all its tensors from the shared file.
     assert (out / "init" / "seed_0.pth").is_file() and (out / "runs" / "dense_seed0" / "run_spec.json").is_file()
     assert comparison["focus_minus_sparse"]["AP"]["n"] in (0, 1)
+    table = (out / "comparison.md").read_text().splitlines()
+    assert len(table) == 2 + 4 and table[2].startswith("| dense | 1 |")
     png = (out / "ap_vs_encoder_gflops.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
@@ -108,3 +110,14 @@ def test_compare_modes_errors(tmp_path) -> None:
     bad = _cli("compare-modes", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--set",
                "encoder.mode=dense", check=False)
     assert bad.returncode == 2 and "chooses the encoder mode" in bad.stderr
+
+
+def test_help_has_an_example(capsys) -> None:
+    from focus_detr.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare-modes", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: focus-detr compare-modes" in text and "focus-detr compare-modes --data" in text
+    assert "--remeasure-latency" in text and "--speed-keep-ratios" in text

@@ -6,6 +6,7 @@ initial weights and in the same data order (per seed), evaluates each on the hel
     OUT/comparison.json        per run: mode, keep ratio, seed, encoder / whole-model GFLOPs, CPU latency,
                                AP, AP50, AP75, APs, APm, APl; per configuration: mean, std, min, max; the
                                matched-cost solution; the paired focus - sparse AP difference per seed
+    OUT/comparison.md          the summary as a Markdown table
     OUT/ap_vs_encoder_gflops.png   AP against encoder GFLOPs, one point per run
     OUT/cost.json              GFLOPs of every configuration and the keep-ratio solver's trace
     OUT/latency.json           the latency pass (all configurations interleaved, after all training)
@@ -409,6 +410,7 @@ def compare_modes(data_dir: str | Path, out_dir: str | Path, recipe: CompareReci
     # 5. comparison.json and the plot --------------------------------------------------------------------------
     comparison = build_comparison(recipe, data, settings, cost, specs, results, latency, command)
     write_json(out / "comparison.json", comparison)
+    (out / "comparison.md").write_text(markdown_table(comparison) + "\n")
     plot_path = out / "ap_vs_encoder_gflops.png"
     plot_ap_vs_gflops(comparison, plot_path)
     log(format_table(comparison))
@@ -675,6 +677,25 @@ def format_table(comparison: dict[str, Any]) -> str:
         lines.append(f"focus - sparse AP at matched encoder cost: {d['mean']:+.3f} (std {d['std']:.3f} over "
                      f"{d['n']} seeds; focus better in {d['focus_better_seeds']} of {d['n']})")
     return "\n".join(lines)
+
+
+def markdown_table(comparison: dict[str, Any]) -> str:
+    """The summary as a Markdown table (mean +- std over seeds, [min, max] for AP) and the per-run AP."""
+    def pm(st: dict[str, Any], digits: int = 3) -> str:
+        return "n/a" if st["mean"] is None else f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f}"
+
+    seeds = comparison["recipe"]["seeds"]
+    rows = ["| configuration | keep ratio | encoder GFLOPs | model GFLOPs | latency (vs dense) | encoder latency | "
+            "AP | AP50 | APs | APm | APl | AP per seed (" + ", ".join(str(s) for s in seeds) + ") |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, s in comparison["summary"].items():
+        lat = "n/a" if s["latency_ms"] is None else f"{s['latency_ms']:.0f} ms ({s['latency_vs_dense']:.2f})"
+        enc = "n/a" if s["encoder_latency_ms"] is None else f"{s['encoder_latency_ms']:.1f} ms"
+        per_seed = ", ".join("n/a" if r["AP"] is None else f"{r['AP']:.3f}"
+                             for seed in seeds for r in comparison["runs"] if r["config"] == name and r["seed"] == seed)
+        rows.append(f"| {name} | {s['keep_ratio']:g} | {s['encoder_gflops']:.3f} | {s['total_gflops']:.2f} | {lat} | "
+                    f"{enc} | " + " | ".join(pm(s[k]) for k in ("AP", "AP50", "APs", "APm", "APl")) + f" | {per_seed} |")
+    return "\n".join(rows)
 
 
 def plot_ap_vs_gflops(comparison: dict[str, Any], path: str | Path) -> Path:
