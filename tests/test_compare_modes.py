@@ -121,3 +121,25 @@ def test_help_has_an_example(capsys) -> None:
     text = capsys.readouterr().out
     assert "usage: focus-detr compare-modes" in text and "focus-detr compare-modes --data" in text
     assert "--remeasure-latency" in text and "--speed-keep-ratios" in text
+
+
+def test_a_failed_run_is_named_and_does_not_stop_the_others(monkeypatch, tmp_path) -> None:
+    from focus_detr.engine import compare
+
+    recipe = compare.CompareRecipe(iterations=1, seeds=(0,))
+    specs = [compare.RunSpec(compare.EncoderSetting(mode, 1.0 if mode == "dense" else 0.5, "matched"), 0,
+                             str(tmp_path / mode), "init.pth", str(tmp_path), recipe, (64, 64), False)
+             for mode in ("dense", "focus")]
+
+    def fake(spec):
+        if spec.setting.mode == "dense":
+            raise RuntimeError("diverged\nsecond line")
+        return {"AP": 0.1, "AP50": 0.2, "seconds": 1.0}
+
+    monkeypatch.setattr(compare, "train_and_evaluate", fake)
+    results: dict = {}
+    lines: list[str] = []
+    with pytest.raises(compare.CompareError, match=r"1 of 2 runs failed .*dense_seed0: RuntimeError: diverged$"):
+        compare._train_all(specs, 1, results, 2, lines.append)
+    assert list(results) == ["focus-0.5_seed0"]  # the other run went on
+    assert any(line.startswith("  FAILED dense_seed0") for line in lines)

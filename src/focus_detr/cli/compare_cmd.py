@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..engine.compare import CompareRecipe, command_line, compare_modes
+    from ..engine.compare import CompareError, CompareRecipe, command_line, compare_modes
     from .main import CLIError
 
     if args.iters < 1 or args.seeds < 1 or args.batch_size < 1 or args.jobs < 1 or args.latency_repeats < 0:
@@ -88,8 +88,11 @@ def run(args: argparse.Namespace) -> int:
         seeds=tuple(range(args.seeds)), focus_keep_ratio=args.focus_keep_ratio,
         speed_keep_ratios=tuple(args.speed_keep_ratios), latency_repeats=args.latency_repeats,
         model_overrides={**base.model_overrides, **dict(args.overrides)})
-    outcome = compare_modes(args.data, args.out, recipe, jobs=args.jobs, progress=not args.no_progress,
-                            remeasure_latency=args.remeasure_latency, command=command_line())
+    try:
+        outcome = compare_modes(args.data, args.out, recipe, jobs=args.jobs, progress=not args.no_progress,
+                                remeasure_latency=args.remeasure_latency, command=command_line())
+    except CompareError as e:
+        raise CLIError(str(e), code=1) from None
     if outcome.comparison is None:
         return 130
     return 0

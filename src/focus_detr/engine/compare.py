@@ -478,9 +478,16 @@ def _plan_settings(recipe: CompareRecipe, data: DatasetSummary, out: Path,
     return settings, cost
 
 
+class CompareError(RuntimeError):
+    """Some training runs failed (the message names them and why; the others were kept)."""
+
+
 def _train_all(todo: list[RunSpec], jobs: int, results: dict[str, dict[str, Any]], total: int,
                log: Callable[[str], None]) -> bool:
-    """Train ``todo`` (``jobs`` processes at a time); returns True if interrupted."""
+    """Train ``todo`` (``jobs`` processes at a time); returns True if interrupted. A run that fails does not
+    stop the others; :class:`CompareError` names the failures at the end."""
+    failures: list[str] = []
+
     def report(name: str, result: dict[str, Any] | None) -> bool:
         if result is None:
             log(f"  {name}: stopped before the end (interrupted)")
@@ -490,6 +497,12 @@ def _train_all(todo: list[RunSpec], jobs: int, results: dict[str, dict[str, Any]
             f"({result['seconds'] / 60:.1f} min)")
         return False
 
+    def failed(spec: RunSpec, error: BaseException) -> None:
+        text = f"{spec.name}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        failures.append(text)
+        log(f"  FAILED {text} (run folder {spec.run_dir})")
+
+    interrupted = False
     if jobs <= 1 or len(todo) <= 1:
         for spec in todo:
             log(f"  training {spec.name} ({spec.recipe.iterations} iterations) in {spec.run_dir}")
@@ -497,29 +510,36 @@ def _train_all(todo: list[RunSpec], jobs: int, results: dict[str, dict[str, Any]
                 result = train_and_evaluate(spec)
             except KeyboardInterrupt:
                 result = None
+            except Exception as e:  # noqa: BLE001 -- reported with the run's name, the others go on
+                failed(spec, e)
+                continue
             if report(spec.name, result):
-                return True
-        return False
+                interrupted = True
+                break
+    else:
+        import concurrent.futures as cf
+        import multiprocessing
 
-    import concurrent.futures as cf
-    import multiprocessing
-
-    interrupted = False
-    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures = {}
-        for spec in todo:
-            futures[pool.submit(_run_in_worker, spec)] = spec
-        log("  started: " + ", ".join(s.name for s in todo[:jobs]) + (" ..." if len(todo) > jobs else ""))
-        try:
-            for future in cf.as_completed(futures):
-                name, result = future.result()
-                if report(name, result):
-                    interrupted = True
-        except KeyboardInterrupt:
-            interrupted = True
-            for f in futures:
-                f.cancel()
+        context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = {pool.submit(_run_in_worker, spec): spec for spec in todo}
+            log("  started: " + ", ".join(s.name for s in todo[:jobs]) + (" ..." if len(todo) > jobs else ""))
+            try:
+                for future in cf.as_completed(futures):
+                    try:
+                        name, result = future.result()
+                    except Exception as e:  # noqa: BLE001 -- a worker's error, or a worker that died
+                        failed(futures[future], e)
+                        continue
+                    if report(name, result):
+                        interrupted = True
+            except KeyboardInterrupt:
+                interrupted = True
+                for f in futures:
+                    f.cancel()
+    if failures and not interrupted:
+        raise CompareError(f"{len(failures)} of {len(todo)} runs failed (the others are kept; rerun to retry): "
+                           + "; ".join(failures))
     return interrupted
 
 
