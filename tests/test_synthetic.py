@@ -114,3 +114,61 @@ def test_objects_are_visible_where_annotated(tmp_path: Path) -> None:
 def test_parameter_validation(tmp_path: Path, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make_shapes_dataset(tmp_path, num_train=1, num_val=1, **kwargs)
+
+
+# ---- the clutter option and the crowded-shapes layout ----------------------------------------------------
+
+
+def test_default_images_unchanged_by_the_clutter_option() -> None:
+    # Pixel hashes and boxes of three images from the generator as it was before `clutter` existed (demo
+    # parameters, seed 0): the demo's dataset must stay exactly the same.
+    import hashlib
+
+    from focus_detr.data.synthetic import _make_params, render_shapes_image
+
+    p = _make_params(1, 0, 0, (192, 256), (1, 6), 12, 0.6, 0.2, 0.85, 0.6, "png", 92)
+    expected = {1: ("23fdb0188b2d1c03", [(3, (150, 96, 220, 155)), (0, (188, 72, 218, 110)), (3, (4, 39, 121, 143)),
+                                         (1, (92, 108, 108, 122)), (3, (202, 121, 214, 133)), (2, (94, 38, 149, 99))]),
+                2: ("b4a1e62796a734d9", [(5, (157, 104, 195, 145)), (4, (52, 72, 160, 162))]),
+                3: ("6e87e8933d59ff2c", [(5, (84, 72, 138, 130)), (0, (133, 135, 163, 168)), (2, (76, 19, 92, 39)),
+                                         (3, (160, 25, 187, 50))])}
+    for i, (digest, boxes) in expected.items():
+        pixels, objects, _ = render_shapes_image(np.random.default_rng([0, 0, i]), p)
+        assert hashlib.sha256(pixels.tobytes()).hexdigest()[:16] == digest
+        assert [(label, box) for label, box, _ in objects] == boxes
+
+
+def test_manifest_of_default_clutter_matches_older_copies(tmp_path: Path) -> None:
+    # The default clutter is not written into the manifest, so copies made before the option are reused.
+    info = make_shapes_dataset(tmp_path / "d", num_train=2, num_val=1, seed=4)
+    manifest = json.loads((info.root / MANIFEST_NAME).read_text())
+    assert "clutter" not in manifest["params"]
+    assert not ensure_shapes_dataset(tmp_path / "d", num_train=2, num_val=1, seed=4, clutter=1.0).generated
+    more = ensure_shapes_dataset(tmp_path / "d", num_train=2, num_val=1, seed=4, clutter=2.0)
+    assert more.generated and json.loads((info.root / MANIFEST_NAME).read_text())["params"]["clutter"] == 2.0
+
+
+def test_crowded_layout_has_many_small_and_medium_objects(tmp_path: Path) -> None:
+    from focus_detr.data import SHAPES_LAYOUTS
+
+    layout = SHAPES_LAYOUTS["crowded-shapes"]
+    assert SHAPES_LAYOUTS["shapes"].as_kwargs() == dict(image_size=(192, 256), objects_per_image=(1, 6),
+                                                        min_object_size=12, max_object_fraction=0.6,
+                                                        small_fraction=0.2, clutter=1.0)
+    info = make_shapes_dataset(tmp_path / "c", num_train=12, num_val=0, seed=0, **layout.as_kwargs())
+    again = make_shapes_dataset(tmp_path / "c2", num_train=12, num_val=0, seed=0, **layout.as_kwargs())
+    assert _all_files(info.root) == _all_files(again.root)  # deterministic
+    anns = json.loads(info.train_annotations.read_text())["annotations"]
+    h, w = layout.image_size
+    assert (h, w) == (384, 512) and len(anns) / 12 > 12  # crowded: 8-24 attempted, most placed
+    side = np.sqrt([a["area"] for a in anns])
+    small, medium = (side < 32).mean(), ((side >= 32) & (side < 96)).mean()
+    assert small > 0.3 and medium > 0.3 and small + medium > 0.85
+    # Most of the image is background: the object boxes add up to well under half of it (about a third).
+    assert sum(a["area"] for a in anns) / (12 * h * w) < 0.45
+
+
+def test_clutter_validation(tmp_path: Path) -> None:
+    for bad in (0.5, 11.0, float("nan")):
+        with pytest.raises(ValueError, match="clutter"):
+            make_shapes_dataset(tmp_path, num_train=1, num_val=0, clutter=bad)

@@ -13,7 +13,7 @@ import sys
 
 # Order = order in --help.
 COMMANDS = ["demo", "make_data", "train", "eval", "predict", "explain", "convert", "info", "models", "export",
-            "benchmark"]
+            "benchmark", "compare"]
 
 
 class CLIError(Exception):

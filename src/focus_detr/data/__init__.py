@@ -19,7 +19,9 @@ from focus_detr.data.layouts import (
 )
 from focus_detr.data.synthetic import (
     SHAPES_CLASS_NAMES,
+    SHAPES_LAYOUTS,
     ShapesDatasetInfo,
+    ShapesLayout,
     ensure_shapes_dataset,
     make_shapes_dataset,
 )
@@ -48,7 +50,9 @@ __all__ = [
     "RandomHorizontalFlip",
     "ResizeShortestEdge",
     "SHAPES_CLASS_NAMES",
+    "SHAPES_LAYOUTS",
     "ShapesDatasetInfo",
+    "ShapesLayout",
     "VocSplit",
     "YoloSplit",
     "build_test_transforms",
