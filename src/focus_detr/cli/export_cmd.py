@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .options import add_runtime_options
 from .predict_cmd import add_model_options, model_from_args, split_weights
 
 EXAMPLES = """\
@@ -43,6 +44,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-3,
                    help="largest accepted |logit| difference between onnxruntime and PyTorch (default 1e-3)")
     add_model_options(p)
+    add_runtime_options(p, quiet_help="do not print the model line on stderr")
     return p
 
 
@@ -79,8 +81,9 @@ def run(args: argparse.Namespace) -> int:
             h, w = example
             # Two other sizes (one landscape, one portrait) so a frozen size or token budget would show.
             verify_sizes = [(max(MIN_SIZE, h - 64), w + 32), (w, max(MIN_SIZE, h - 32))]
-    print(f"model: {description}; exporting with example size {example[0]}x{example[1]} "
-          f"(opset {opset}; this takes a minute)", file=sys.stderr)
+    if not args.quiet:
+        print(f"model: {description}; exporting with example size {example[0]}x{example[1]} "
+              f"(opset {opset}; this takes a minute)", file=sys.stderr)
     try:
         report = export_onnx(model, out, opset=opset, example_size=example, verify_sizes=verify_sizes)
     except OnnxExportError as e:
