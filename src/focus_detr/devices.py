@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda)(?::(\d+))?$")
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda)(?::([0-9]+))?$")
 
 
 class DeviceError(ValueError):
@@ -25,7 +25,7 @@ class DeviceError(ValueError):
 
 
 def check_device_name(text: str) -> str:
-    """``text`` normalised (``"CUDA:0 "`` -> ``"cuda:0"``) if it is a well-formed device name, else
+    """``text`` normalised (``" CUDA:01"`` -> ``"cuda:1"``) if it is a well-formed device name, else
     :class:`DeviceError`. Only the spelling is checked here; :func:`resolve_device` checks availability."""
     name = str(text).strip().lower()
     match = _DEVICE_RE.match(name)
@@ -36,6 +36,8 @@ def check_device_name(text: str) -> str:
         elif name.startswith("gpu"):
             hint = " (a GPU is written cuda or cuda:N)"
         raise DeviceError(f"invalid device {text!r}: expected {DEVICE_CHOICES}{hint}")
+    if match.group(2) is not None:
+        name = f"cuda:{int(match.group(2))}"  # cuda:01 -> cuda:1
     return name
 
 
