@@ -27,7 +27,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         description="Export a model to ONNX with a dynamic input size (torch.onnx dynamo exporter).",
         usage="focus-detr export [options] (WEIGHTS | --preset P --random-init) --format onnx OUT.onnx",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", metavar="WEIGHTS OUT", help="weights (pretrained name, weights file, checkpoint, "
+    # nargs="*": with --random-init there is no WEIGHTS, and OUT may come after --format onnx (below).
+    p.add_argument("paths", nargs="*", metavar="WEIGHTS OUT", help="weights (pretrained name, weights file, checkpoint, "
                    "official .pth/.zip, Hugging Face folder), then the file to write (OUT may also follow --format onnx)")
     # nargs="+": argparse cannot take a positional after an option, so in the documented form
     # `export WEIGHTS --format onnx OUT.onnx` OUT arrives here and is moved back to the positionals.
