@@ -162,7 +162,7 @@ def test_predict_random_init_without_weights(workspace: Path, tmp_path: Path) ->
     (["predict", "{tmp}/missing.pt", "{good}", "--out", "{tmp}/o"], 1, "no such weights file"),
     (["predict", "{good}/a.jpg", "{good}", "--out", "{tmp}/o"], 1, "not a readable checkpoint"),
     (["predict", "--random-init", "{good}", "--out", "{tmp}/o"], 2, "--random-init needs --preset"),
-    (["predict", "{w}", "{good}", "--out", "{tmp}/o", "--device", "cuda:7"], 1, "CUDA is not available"),
+    (["predict", "{w}", "{good}", "--out", "{tmp}/o", "--device", "cuda:7"], 2, "CUDA is not available"),
     (["predict", "{w}", "{good}", "--out", "{tmp}/o", "--batch-size", "0"], 2, "must be >= 1"),
 ])
 def test_predict_usage_errors(workspace: Path, tmp_path: Path, args: list[str], code: int, message: str) -> None:

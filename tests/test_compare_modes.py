@@ -69,7 +69,7 @@ def test_compare_modes_end_to_end(tmp_path) -> None:
     _cli("make-data", "crowded-shapes", "--out", str(data), "--train", "4", "--val", "2", "--image-size", "128,160",
          "--objects", "5", "--min-object-size", "8")
     args = ("compare-modes", "--data", str(data), "--out", str(out), "--iters", "2", "--seeds", "1",
-            "--batch-size", "2", "--speed-keep-ratios", "0.3", "--latency-repeats", "1", "--no-progress")
+            "--batch-size", "2", "--speed-keep-ratios", "0.3", "--latency-repeats", "1", "--quiet")
     first = _cli(*args).stdout
     assert "4 runs (4 configurations x 1 seeds" in first and "0 finished earlier" in first
 

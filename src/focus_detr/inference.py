@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 
+from .devices import resolve_device  # re-exported: focus_detr.inference.resolve_device
 from .model import Detections, FocusDETR
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -169,18 +170,6 @@ def discover_inputs(inputs: Iterable[str | os.PathLike[str]], recursive: bool = 
 
 # --------------------------------------------------------------------------------------------------
 # Models
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU is an error (not a silent fallback)."""
-    name = str(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available (torch {torch.__version__}); "
-                         "use --device cpu or auto")
-    return dev
 
 
 def load_model(weights: str | os.PathLike[str] | None = None, preset: str | None = None, random_init: bool = False,

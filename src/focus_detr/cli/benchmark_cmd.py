@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from .options import add_device_option, add_quiet_option, add_threads_option, check_device, choose_threads
+
 EXAMPLE = """\
 examples:
   focus-detr benchmark                                   # R50 at 800x1333 and 480x640, 5 rounds
@@ -31,8 +33,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="measured interleaved rounds (default: 5)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first (default: 1)")
     p.add_argument("--modes", default="focus,dense,sparse", help="encoder modes, comma-separated")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    add_threads_option(p)
+    add_device_option(p, default="cpu")
     p.add_argument("--seed", type=int, default=0, help="weight and input seed (default: 0)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--no-anchor", action="store_true", help="skip the transformers Deformable DETR anchor")
@@ -42,12 +44,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="deformable attention implementation to select first (see "
                         "focus_detr.ops.ms_deform_attn.available_implementations(); default: leave the current one)")
     p.add_argument("--backbone-once", action="store_true",
-                   help="cache the backbone output per input, so code that runs the backbone once per output "
-                        "feature (before commit d1d0fee: 3x) is measured as if fixed; a no-op on current code")
+                   help="cache the backbone output per input (to compare with older focus-detr versions, which ran "
+                        "the backbone once per output feature level; a no-op on this version)")
     p.add_argument("--json", action="store_true", help="print the report as JSON (progress goes to stderr)")
     p.add_argument("--output", metavar="PATH", help="also write the JSON report to PATH")
     p.add_argument("--plot", metavar="PATH", help="write latency bars per stage (PNG; one per size)")
-    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    add_quiet_option(p, what="no progress messages on stderr")
     return p
 
 
@@ -72,15 +74,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--modes takes a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
     if args.repeats < 1 or args.warmup < 0 or args.batch < 1:
         raise CLIError("--repeats and --batch must be >= 1 and --warmup >= 0")
-    if args.threads is not None and args.threads < 1:
-        raise CLIError("--threads must be >= 1")
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise CLIError("--device cuda: no CUDA device is available to this torch build")
-    elif args.device != "cpu":
-        raise CLIError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    device = str(check_device(args))  # "auto" -> the device it means here
+    threads = None if args.threads is None else choose_threads(args.threads)
 
     if args.msda:
         from ..ops import ms_deform_attn as msda
@@ -95,13 +90,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"[benchmark] {msg}", file=sys.stderr, flush=True)
 
     report = run_benchmark(args.preset, sizes, modes, repeats=args.repeats, warmup=args.warmup, batch=args.batch,
-                           threads=args.threads, device=args.device, seed=args.seed, memory=not args.no_memory,
+                           threads=threads, device=device, seed=args.seed, memory=not args.no_memory,
                            anchor=not args.no_anchor, backbone_once=args.backbone_once,
                            progress=progress)
     if args.train_step:
         progress("training step of the tiny preset, focus vs dense")
-        report["train_step"] = benchmark_train_step("tiny", ("focus", "dense"), threads=args.threads,
-                                                    device=args.device, seed=args.seed,
+        report["train_step"] = benchmark_train_step("tiny", ("focus", "dense"), threads=threads,
+                                                    device=device, seed=args.seed,
                                                     backbone_once=args.backbone_once, progress=progress)
     if args.output:
         with open(args.output, "w") as f:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_quiet_option
 from .train_cmd import parse_override
 
 EPILOG = """\
@@ -32,6 +33,7 @@ def _ratios(text: str) -> tuple[float, ...]:
     if any(not 0.0 < v <= 1.0 for v in values):
         raise argparse.ArgumentTypeError(f"keep ratios must be in (0, 1], got {text!r}")
     return values
+
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -60,7 +62,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--latency-repeats", type=int, default=r.latency_repeats,
                    help=f"interleaved rounds of the latency pass (default {r.latency_repeats}; 0: no latency)")
     p.add_argument("--remeasure-latency", action="store_true", help="redo the latency pass even if one is stored")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # CPU only by design: the comparison's latency column is CPU latency, one torch thread per job.
+    add_quiet_option(p, no_progress_alias=True)
     return p
 
 
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         speed_keep_ratios=tuple(args.speed_keep_ratios), latency_repeats=args.latency_repeats,
         model_overrides={**base.model_overrides, **dict(args.overrides)})
     try:
-        outcome = compare_modes(args.data, args.out, recipe, jobs=args.jobs, progress=not args.no_progress,
+        outcome = compare_modes(args.data, args.out, recipe, jobs=args.jobs, progress=not args.quiet,
                                 remeasure_latency=args.remeasure_latency, command=command_line())
     except CompareError as e:
         raise CLIError(str(e), code=1) from None

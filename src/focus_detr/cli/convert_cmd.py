@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from ..config import PRESETS
+from .options import add_runtime_options, apply_threads, check_device
 
 EXAMPLES = """\
 examples:
@@ -42,6 +43,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--verify-size", type=int, nargs=2, default=(160, 224), metavar=("H", "W"),
                    help="size of the random verification image (default 160 224)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    add_runtime_options(p, device_default="cpu", device_note=": where the verification runs",
+                        quiet_help="no download progress bar (for a pretrained name)")
     return p
 
 
@@ -55,8 +58,10 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"{out} exists; pass --force to overwrite it")
     if Path(src).exists() and out.resolve() == Path(src).resolve():
         raise CLIError("OUT must differ from SOURCE")
+    device = check_device(args)
+    apply_threads(args)
     start = time.perf_counter()
-    read = read_weights(src, args.preset, args.ema)
+    read = read_weights(src, args.preset, args.ema, progress=not args.quiet)
     if read.kind == "weights":
         raise CLIError(f"{src} is already a focus-detr weights file (see `focus-detr info {src}`)")
     model = build_for_state_dict(read.cfg, read.state_dict, str(read.path or src), read.report)
@@ -71,14 +76,15 @@ def run(args: argparse.Namespace) -> int:
     size_mb = out.stat().st_size / 2**20
     print(f"wrote {out} ({size_mb:.1f} MiB, {sum(p.numel() for p in model.parameters()):,} parameters)")
     if not args.no_verify:
-        message = verify_roundtrip(model, out, tuple(args.verify_size))
+        message = verify_roundtrip(model, out, tuple(args.verify_size), device)
         print(f"verified: {message}")
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 
 
-def verify_roundtrip(model, path: Path, size: tuple[int, int] = (160, 224)) -> str:
-    """Load ``path`` back and compare it with ``model``: every tensor, then the outputs on one random image.
+def verify_roundtrip(model, path: Path, size: tuple[int, int] = (160, 224), device=None) -> str:
+    """Load ``path`` back and compare it with ``model``: every tensor, then the outputs on one random image
+    (both models on ``device``, default the CPU).
 
     Raises :class:`~focus_detr.cli.main.CLIError` (exit 1) on any difference; returns a one-line summary.
     """
@@ -87,19 +93,21 @@ def verify_roundtrip(model, path: Path, size: tuple[int, int] = (160, 224)) -> s
     from .. import api
     from .main import CLIError
 
+    device = torch.device("cpu") if device is None else device
     loaded = api.load(path)
     own, back = model.state_dict(), loaded.state_dict()
-    differ = sorted(k for k in own if k not in back or not torch.equal(own[k].cpu(), back[k]))
+    differ = sorted(k for k in own if k not in back or not torch.equal(own[k].cpu(), back[k].cpu()))
     if differ or set(back) - set(own):
         raise CLIError(f"{path}: reloaded weights differ from the converted model: {differ[:10]}", code=1)
     generator = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=generator)
-    model.eval()
+    model = model.to(device).eval()
+    loaded = loaded.to(device).eval()
     with torch.no_grad():
         a = model(model.batch([image]))
         b = loaded(loaded.batch([image]))
-    diff = max(float((a.main.logits.cpu() - b.main.logits).abs().max()),
-               float((a.main.boxes.cpu() - b.main.boxes).abs().max()))
+    diff = max(float((a.main.logits - b.main.logits).abs().max()),
+               float((a.main.boxes - b.main.boxes).abs().max()))
     if diff != 0.0:
         raise CLIError(f"{path}: outputs of the reloaded model differ from the converted one (max |diff| {diff:g})",
                        code=1)

@@ -6,7 +6,7 @@ on the held-out split with pycocotools and writes::
     RUN_DIR/metrics.json          AP, AP50, AP75, APs, APm, APl (fractions), per-class AP, times, recipe
     RUN_DIR/loss_curve.png        training loss
     RUN_DIR/predictions/*.png     held-out images with the detections drawn
-    RUN_DIR/model_final_ema.pth   the evaluated weights (EMA; `focus-detr eval` / `predict` take it)
+    RUN_DIR/model_final.pth       the evaluated weights (`focus-detr eval`, `predict`, `explain` take it)
     RUN_DIR/...                   the training run itself (config.json, metrics.jsonl, checkpoints/, eval/)
 
 Re-running with the same --out continues an interrupted run from its newest checkpoint.
@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .options import add_device_option, add_quiet_option, add_threads_option, check_device
+from .options import choose_threads  # noqa: F401  (was defined here; kept importable)
 from .train_cmd import parse_override
 
 
@@ -85,14 +87,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
                    help="change a model option on top of the recipe's (repeatable), e.g. "
                         "--set encoder.oesm_score=prob_product or --set decoder.query_nms_iou=None")
-    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="default cpu")
-    p.add_argument("--threads", default="1",
-                   help="torch CPU threads (default 1), or 'auto': PyTorch's default unless the load average shows "
-                        "other work. One thread is the robust default: when another process starts competing for the "
-                        "cores, spinning OpenMP threads slow training 10-100x, one thread only proportionally")
+    add_device_option(p, default="cpu")
+    add_threads_option(p, default=1, note=". One thread is the robust default: when another process starts "
+                       "competing for the cores, spinning OpenMP threads slow training 10-100x, one thread only "
+                       "proportionally")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0: decoding is cheap here)")
     p.add_argument("--pictures", type=int, default=6, help="held-out images drawn with their detections (default 6)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_quiet_option(p, no_progress_alias=True)
     return p
 
 
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import ensure_shapes_dataset
     from ..engine import TrainConfig, train
     from ..engine.data import build_eval_dataset
-    from ..engine.distributed import DistInfo, resolve_device
+    from ..engine.distributed import DistInfo, process_device
     from ..engine.evaluate import evaluate, format_metrics
     from ..engine.logging import read_metrics, write_json
     from ..model import FocusDETR
@@ -112,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if (args.iters is not None and args.iters <= 0) or args.batch_size <= 0 or args.time_budget <= 0:
         raise CLIError("--iters, --batch-size and --time-budget must be positive")
+    check_device(args)
     threads = choose_threads(args.threads)
     torch.set_num_threads(threads)
     r = dataclasses.replace(RECIPE, iterations=args.iters or RECIPE.iterations, batch_size=args.batch_size, lr=args.lr,
@@ -136,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
             num_workers=args.workers, lr=r.lr, backbone_lr=r.backbone_lr, train_scales=r.train_scales,
             train_max_size=r.test_max_size, seed=r.seed, device=args.device, ema=r.ema, ema_decay=r.ema_decay,
             checkpoint_every=500, keep_checkpoints=2, log_every=25, resume="auto", stop_at=stop_at,
-            progress=not args.no_progress, tensorboard=False,
+            progress=not args.quiet, tensorboard=False,
         )
 
     train_start = time.perf_counter()
@@ -166,14 +168,14 @@ def run(args: argparse.Namespace) -> int:
     r = dataclasses.replace(r, iterations=iterations)
 
     # 3. evaluation on the held-out split -----------------------------------------------------------------
-    device = resolve_device(args.device, DistInfo())
+    device = process_device(args.device, DistInfo())
     weights = run_dir / ("model_final_ema.pth" if r.ema else "model_final.pth")
     model: FocusDETR = api.load(weights, device=device)
     val_set = build_eval_dataset(data_dir, "val", model.cfg.test_short_side, model.cfg.test_max_size,
                                  model.cfg.class_names)
     print(f"[3/4] evaluating on {len(val_set)} held-out images")
     metrics = evaluate(model, val_set, device, run_dir / "eval" / "final", batch_size=4,
-                       progress=not args.no_progress)
+                       progress=not args.quiet)
     assert metrics is not None
     print(f"      {format_metrics(metrics)}")
 
@@ -243,28 +245,6 @@ def _seconds_per_iteration(metrics_path: Path) -> float:
         raise RuntimeError("the timing run logged too few rows")
     a, b = rows[-2], rows[-1]
     return max(1e-3, (b["time"] - a["time"]) / max(1, b["iter"] - a["iter"]))
-
-
-def choose_threads(requested: str) -> int:
-    """``requested`` threads, or for ``auto`` PyTorch's default unless the 1-minute load average says at least
-    one core is already busy with other work, then 1."""
-    import os
-
-    import torch
-
-    if requested != "auto":
-        try:
-            value = int(requested)
-        except ValueError:
-            from .main import CLIError
-            raise CLIError(f"--threads must be a number or 'auto', got {requested!r}") from None
-        return max(1, value)
-    default = torch.get_num_threads()
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # not available on this platform
-        return default
-    return 1 if default > 1 and load >= 1.0 else default
 
 
 def _draw_predictions(model, dataset, out_dir: Path, count: int, score_threshold: float = 0.3) -> list[Path]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .options import add_device_option, add_quiet_option, add_threads_option, apply_threads, check_device
+
 EPILOG = """\
 WEIGHTS is one of
   * a pretrained name (`focus-detr models` lists them), downloaded once into the cache;
@@ -56,9 +58,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, help="evaluate the first N images only")
     p.add_argument("--short-side", type=int, help="test-time shorter side (default: the model's)")
     p.add_argument("--max-size", type=int, help="test-time longer-side cap (default: the model's)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_option(p, note="; under torchrun each process takes GPU LOCAL_RANK")
+    add_threads_option(p)
     p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS", help="collective timeout under torchrun")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_quiet_option(p, no_progress_alias=True)
     return p
 
 
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.layouts import require_split
     from ..engine.data import build_eval_dataset
     from ..engine.distributed import (DistributedError, cleanup_distributed, env_dist_info, init_distributed,
-                                      resolve_device)
+                                      process_device)
     from ..engine.evaluate import evaluate, format_metrics
     from .main import CLIError
 
@@ -89,13 +92,15 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("no dataset: pass --data DATA_DIR or --json FILE (see focus-detr eval --help)")
     if args.images is not None and args.json is None:
         raise CLIError("--images needs --json")
+    check_device(args)
+    apply_threads(args)
     info = env_dist_info(args.dist_timeout)
     out = Path(args.out) if args.out else Path(args.weights).resolve().parent / f"eval_{args.split}"
     if info.is_main and Path(args.weights).is_file():  # an unwritable --out fails now, not after the evaluation
         from .predict_cmd import check_output_folder
 
         check_output_folder(str(out))
-    device = resolve_device(args.device, info)
+    device = process_device(args.device, info)
     overrides = {}
     if args.short_side:
         overrides["test_short_side"] = args.short_side
@@ -111,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         init_distributed(info, device)
         try:
             metrics = evaluate(model, dataset, device, out, info, args.batch_size, args.workers, args.max_images,
-                               progress=not args.no_progress,
+                               progress=not args.quiet,
                                extra={"weights": str(args.weights), "split": args.split,
                                       "data": str(args.data if args.json is None else args.json),
                                       "class_map": class_map})

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from .options import add_runtime_options
 from .predict_cmd import add_model_options, model_from_args, positive_int, split_weights, unit_float
 
 EXAMPLES = """\
@@ -41,6 +42,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dpi", type=positive_int, default=100, help="resolution of explain.png (default 100)")
     p.add_argument("--width", type=float, default=16.0, help="figure width in inches (default 16)")
     add_model_options(p)
+    add_runtime_options(p, quiet_help="do not print the model line on stderr")
     return p
 
 
@@ -65,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise CLIError("explain needs matplotlib: pip install 'focus-detr[viz]'") from None
     model, description = model_from_args(args, weights)
-    print(f"model: {description} on {model.device}", file=sys.stderr)
+    if not args.quiet:
+        print(f"model: {description} on {model.device}", file=sys.stderr)
     try:
         figure, arrays, detections = explain(model, image, score_threshold=args.score_threshold,
                                              max_detections=args.max_detections, title=name,

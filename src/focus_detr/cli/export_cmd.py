@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .options import add_runtime_options
 from .predict_cmd import add_model_options, model_from_args, split_weights
 
 EXAMPLES = """\
@@ -26,7 +27,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         description="Export a model to ONNX with a dynamic input size (torch.onnx dynamo exporter).",
         usage="focus-detr export [options] (WEIGHTS | --preset P --random-init) --format onnx OUT.onnx",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", metavar="WEIGHTS OUT", help="weights (pretrained name, weights file, checkpoint, "
+    # nargs="*": with --random-init there is no WEIGHTS, and OUT may come after --format onnx (below).
+    p.add_argument("paths", nargs="*", metavar="WEIGHTS OUT", help="weights (pretrained name, weights file, checkpoint, "
                    "official .pth/.zip, Hugging Face folder), then the file to write (OUT may also follow --format onnx)")
     # nargs="+": argparse cannot take a positional after an option, so in the documented form
     # `export WEIGHTS --format onnx OUT.onnx` OUT arrives here and is moved back to the positionals.
@@ -43,6 +45,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-3,
                    help="largest accepted |logit| difference between onnxruntime and PyTorch (default 1e-3)")
     add_model_options(p)
+    add_runtime_options(p, quiet_help="do not print the model line on stderr")
     return p
 
 
@@ -79,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
             h, w = example
             # Two other sizes (one landscape, one portrait) so a frozen size or token budget would show.
             verify_sizes = [(max(MIN_SIZE, h - 64), w + 32), (w, max(MIN_SIZE, h - 32))]
-    print(f"model: {description}; exporting with example size {example[0]}x{example[1]} "
-          f"(opset {opset}; this takes a minute)", file=sys.stderr)
+    if not args.quiet:
+        print(f"model: {description}; exporting with example size {example[0]}x{example[1]} "
+              f"(opset {opset}; this takes a minute)", file=sys.stderr)
     try:
         report = export_onnx(model, out, opset=opset, example_size=example, verify_sizes=verify_sizes)
     except OnnxExportError as e:

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from ..devices import DeviceError
+
 # Order = order in --help.
 COMMANDS = ["demo", "make_data", "train", "eval", "predict", "explain", "convert", "info", "models", "export",
             "benchmark", "compare"]
@@ -57,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return e.code
+    except DeviceError as e:  # a device this machine lacks: a usage error, like a malformed --device
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError, KeyError, TypeError, ImportError, OSError) as e:
         if args.debug:
             raise

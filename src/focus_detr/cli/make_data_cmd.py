@@ -33,7 +33,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("kind", choices=["shapes", "crowded-shapes"],
                    help="dataset to generate: 6 classes of textured shapes on cluttered backgrounds (see below)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--out", metavar="DIR", help="output folder (default data/KIND, e.g. data/shapes)")
     p.add_argument("--train", type=int, default=1000, metavar="N", help="training images (default 1000)")
     p.add_argument("--val", type=int, default=100, metavar="M", help="validation images (default 100)")
     p.add_argument("--seed", type=int, default=0, help="master seed (default 0)")
@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--train must be >= 1 and --val >= 0")
     if args.objects is not None and args.objects < 1:
         raise CLIError("--objects must be >= 1")
+    if args.out is None:
+        args.out = f"data/{args.kind}"
     layout = SHAPES_LAYOUTS[args.kind].as_kwargs()
     if args.image_size is not None:
         layout["image_size"] = args.image_size

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from ..config import PRESETS
+from .options import add_runtime_options
 
 EXAMPLES = """\
 examples:
@@ -36,8 +37,8 @@ Exit code 0 if every input was read, 1 if any failed (the rest are still process
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """``--preset``, ``--ema``, ``--random-init``, ``--seed`` and ``--device`` (shared by predict, explain,
-    export)."""
+    """``--preset``, ``--ema``, ``--random-init`` and ``--seed`` (shared by predict, explain, export; their
+    ``--device``, ``--threads`` and ``--quiet`` come from :func:`focus_detr.cli.options.add_runtime_options`)."""
     group = parser.add_argument_group("model")
     group.add_argument("--preset", choices=sorted(PRESETS), metavar="PRESET",
                        help="with an official detrex checkpoint as WEIGHTS: the architecture to load it into (default: "
@@ -47,7 +48,6 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--random-init", action="store_true",
                        help="no weights file: build --preset with random weights (smoke tests, demos)")
     group.add_argument("--seed", type=int, default=0, help="random seed for --random-init (default 0)")
-    group.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N (default auto)")
 
 
 def split_weights(args: argparse.Namespace, positional: list[str], what: str) -> tuple[str | None, list[str]]:
@@ -64,9 +64,12 @@ def split_weights(args: argparse.Namespace, positional: list[str], what: str) ->
 
 
 def model_from_args(args: argparse.Namespace, weights: str | None):
-    """Load the model the options describe; returns ``(model, description)``."""
+    """Load the model the options describe, on ``--device`` with ``--threads``; returns ``(model, description)``."""
     from ..inference import load_model
+    from .options import apply_threads, check_device
 
+    check_device(args)
+    apply_threads(args)
     return load_model(weights, args.preset, args.random_init, args.device, args.seed, ema=getattr(args, "ema", False))
 
 
@@ -133,8 +136,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "a live stream otherwise runs until Ctrl+C)")
     p.add_argument("--max-download-mb", type=positive_float, default=200.0,
                    help="URLs: refuse downloads larger than this (default 200)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_options(p)
+    add_runtime_options(p, quiet_help="no progress bar and no model line on stderr")
     return p
 
 
@@ -142,7 +145,10 @@ def run(args: argparse.Namespace) -> int:
     from ..inference import discover_inputs, predict_to_folder
     from .main import CLIError
 
+    from .options import check_device
+
     weights, inputs = split_weights(args, args.paths, "INPUT ...")
+    check_device(args)  # before scanning folders or downloading
     check_output_folder(args.out)
     items, problems = discover_inputs(inputs)
     if not items:
@@ -152,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
     model, description = model_from_args(args, weights)
     counts = {kind: sum(it.kind == kind for it in items) for kind in ("image", "video", "url", "stream")}
     found = ", ".join(f"{n} {kind}(s)" for kind, n in counts.items() if n)
-    print(f"model: {description} on {model.device}; {found}", file=sys.stderr)
+    if not args.quiet:
+        print(f"model: {description} on {model.device}; {found}", file=sys.stderr)
     summary = predict_to_folder(
         model, inputs, args.out, batch_size=args.batch_size, score_threshold=args.score_threshold,
         max_detections=args.max_detections, draw=not args.no_draw, draw_threshold=args.draw_threshold,

@@ -7,6 +7,8 @@ import ast
 import signal
 from typing import Any
 
+from .options import add_device_option, add_quiet_option, add_threads_option, apply_threads, check_device
+
 EPILOG = """\
 DATA_DIR is recognised as COCO (`focus-detr make-data shapes` writes it), a Roboflow COCO export, YOLO
 (data.yaml) or Pascal VOC; any other COCO json: --train-json FILE --train-images DIR (see docs/training.md):
@@ -65,7 +67,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true",
                    help="replace the run already in RUN_DIR (its checkpoints, logs and weights are deleted)")
     g.add_argument("--seed", type=int, default=0, help="seed of the data order, augmentations and init (default 0)")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
+    add_device_option(g, note="; under torchrun each process takes GPU LOCAL_RANK")
     g.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
                    help="model config override, repeatable, e.g. --set decoder.num_queries=300 --set encoder.mode=dense")
     g.add_argument("--backbone-weights", metavar="PATH|imagenet",
@@ -133,9 +135,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms (slower)")
     g.add_argument("--skip-bad", action="store_true",
                    help="skip missing/unreadable training images with a counted warning instead of stopping")
-    g.add_argument("--threads", type=int, help="torch CPU threads per process (default: PyTorch's choice)")
-    g.add_argument("--no-progress", action="store_true",
-                   help="no progress bar (there is none anyway when stderr is not a terminal)")
+    add_threads_option(g, note="; per process")
+    add_quiet_option(g, no_progress_alias=True,
+                     what="no progress bar: a summary line every --log-every iterations instead (as when stderr "
+                          "is not a terminal)")
     g.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard events")
     return p
 
@@ -179,13 +182,11 @@ def config_from_args(args: argparse.Namespace):
         resume=args.resume, overwrite=args.overwrite, patience=args.patience, max_bad_steps=args.max_bad_steps, dist_timeout_s=args.dist_timeout,
         stop_at=args.stop_at, deterministic=args.deterministic, skip_bad=args.skip_bad, backbone_weights=args.backbone_weights,
         init_weights=args.init_weights,
-        progress=not args.no_progress, tensorboard=not args.no_tensorboard,
+        progress=not args.quiet, tensorboard=not args.no_tensorboard,
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..api import CheckpointFormatError
     from ..data import DataError
     from ..engine import TrainingDivergedError, train
@@ -195,8 +196,8 @@ def run(args: argparse.Namespace) -> int:
     from .main import CLIError
 
     cfg = config_from_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    check_device(args)
+    apply_threads(args)
     try:
         result = train(cfg)
     except TrainingDivergedError as e:

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..devices import DeviceError, resolve_device
+
 
 class DistributedError(RuntimeError):
     """A collective failed or timed out: usually another process of the job died or hangs."""
@@ -48,20 +50,29 @@ def env_dist_info(timeout_s: float = 1800.0) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, float(timeout_s))
 
 
-def resolve_device(requested: str, info: DistInfo) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU. Under torchrun each process takes GPU ``LOCAL_RANK``."""
-    if requested not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {requested!r}")
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was requested but torch.cuda.is_available() is False")
-        if info.local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK {info.local_rank} but only {torch.cuda.device_count()} GPU(s) are visible")
-        torch.cuda.set_device(info.local_rank)
-        return torch.device("cuda", info.local_rank)
-    return torch.device("cpu")
+def process_device(requested: str, info: DistInfo) -> torch.device:
+    """The device of this process: :func:`focus_detr.devices.resolve_device`, plus the torchrun rule that
+    each process takes GPU ``LOCAL_RANK`` (``cuda`` and ``auto`` on a GPU machine mean ``cuda:LOCAL_RANK``).
+
+    One process may name its GPU (``cuda:N``); under torchrun that is refused, since every rank would share
+    it. MPS has no multi-process backend here, so it is refused under torchrun too.
+    """
+    device = resolve_device(requested)
+    if device.type == "mps" and info.is_distributed:
+        raise DeviceError("--device mps cannot be used with torchrun (no multi-process backend for MPS); "
+                          "use --device cpu")
+    if device.type != "cuda":
+        return device
+    if device.index is not None:
+        if info.is_distributed:
+            raise DeviceError(f"--device {requested} names one GPU, but under torchrun each process takes GPU "
+                              "LOCAL_RANK: use --device cuda or auto (CUDA_VISIBLE_DEVICES picks the GPUs)")
+        torch.cuda.set_device(device.index)
+        return device
+    if info.local_rank >= torch.cuda.device_count():
+        raise DeviceError(f"LOCAL_RANK {info.local_rank} but only {torch.cuda.device_count()} GPU(s) are visible")
+    torch.cuda.set_device(info.local_rank)
+    return torch.device("cuda", info.local_rank)
 
 
 def init_distributed(info: DistInfo, device: torch.device) -> None:

@@ -58,7 +58,7 @@ from ..model import FocusDETR, build_model
 from . import checkpoint as ckpt
 from .data import build_eval_dataset, build_train_dataset, build_train_loader, default_train_scales
 from .distributed import (DistInfo, DistributedError, all_gather_objects, any_true_each, barrier, broadcast_object,
-                          cleanup_distributed, env_dist_info, init_distributed, mean_over_processes, resolve_device)
+                          cleanup_distributed, env_dist_info, init_distributed, mean_over_processes, process_device)
 from .evaluate import evaluate, format_metrics
 from .logging import MetricsLogger, TeeToLog, environment_info, write_json
 from .run_dir import (RunDirError, RunLock, check_new_run, ensure_writable, find_os_error, remove_orphaned_temporaries,
@@ -199,7 +199,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train (or resume) a run; see the module docstring for what is written. Under ``torchrun`` every
     process calls this; all return a :class:`TrainResult` (``eval_metrics`` on rank 0 only)."""
     info = env_dist_info(cfg.dist_timeout_s)
-    device = resolve_device(cfg.device, info)
+    device = process_device(cfg.device, info)
     owns_group = info.is_distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized())
     init_distributed(info, device)
     try:

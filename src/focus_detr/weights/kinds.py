@@ -539,9 +539,12 @@ def _shape_problems(own: Mapping[str, Tensor], state: Mapping[str, Tensor], repo
 def load_model(source: str | os.PathLike[str], preset: str | FocusDETRConfig | None = None, ema: bool = False,
                device: str | torch.device = "cpu", progress: bool = True, **overrides: Any):
     """``(model, description)`` for any weights source (see the module docstring for the kinds)."""
+    from ..devices import resolve_device
+
+    dev = resolve_device(device)  # "auto"; a device this machine lacks fails before the file is read
     read = read_weights(source, preset, ema, overrides, progress=progress)
     model = build_for_state_dict(read.cfg, read.state_dict, str(read.path or source), read.report)
-    return model.to(device).eval(), read.description
+    return model.to(dev).eval(), read.description
 
 
 def read_state_dict(source: str | os.PathLike[str], preset: str | FocusDETRConfig | None = None,
