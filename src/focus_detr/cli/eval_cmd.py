@@ -96,10 +96,6 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     info = env_dist_info(args.dist_timeout)
     out = Path(args.out) if args.out else Path(args.weights).resolve().parent / f"eval_{args.split}"
-    if info.is_main and Path(args.weights).is_file():  # an unwritable --out fails now, not after the evaluation
-        from .predict_cmd import check_output_folder
-
-        check_output_folder(str(out))
     device = process_device(args.device, info)
     overrides = {}
     if args.short_side:
@@ -113,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
         dataset = build_eval_dataset(source, args.split, model.cfg.test_short_side, model.cfg.test_max_size,
                                      model.cfg.class_names, model.cfg.num_classes, class_map,
                                      args.allow_outside_images)
+        if info.is_main:  # an unwritable --out fails now, not after the evaluation (a refused dataset leaves no folder)
+            from .predict_cmd import check_output_folder
+
+            check_output_folder(str(out))
         init_distributed(info, device)
         try:
             metrics = evaluate(model, dataset, device, out, info, args.batch_size, args.workers, args.max_images,
