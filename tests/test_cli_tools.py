@@ -12,6 +12,7 @@ import torch
 import focus_detr
 from focus_detr.cli.main import COMMANDS, main
 from test_cli_predict import run_cli
+from weights_utils import official_checkpoint
 
 MY_COMMANDS = ["predict", "explain", "convert", "info", "export"]
 
@@ -20,57 +21,6 @@ MY_COMMANDS = ["predict", "explain", "convert", "info", "export"]
 # A tiny model written under the official detrex key names (the inverse of convert/official.py's table),
 # so the converter is exercised on the layout real checkpoints have: detectron2 dict with "model", alias
 # keys (decoder / encoder copies of the heads), official module names.
-
-_OURS_TO_OFFICIAL = [
-    (r"^level_embed$", "transformer.level_embeds"),
-    (r"^foreground_selector\.alpha$", "transformer.alpha"),
-    (r"^target_embed\.weight$", "transformer.tgt_embed.weight"),
-    (r"^token_proj\.(.*)$", r"transformer.enc_output.\1"),
-    (r"^token_proj_norm\.(.*)$", r"transformer.enc_output_norm.\1"),
-    (r"^foreground_selector\.score_net\.norm\.(.*)$", r"transformer.enc_mask_predictor.layer1.0.\1"),
-    (r"^foreground_selector\.score_net\.proj\.(.*)$", r"transformer.enc_mask_predictor.layer1.1.\1"),
-    (r"^foreground_selector\.score_net\.head\.(\d)\.(.*)$", r"transformer.enc_mask_predictor.layer2.\1.\2"),
-    (r"^(encoder|decoder)\.layers\.(\d+)\.ffn\.linear1\.(.*)$", r"transformer.\1.layers.\2.ffns.0.layers.0.0.\3"),
-    (r"^(encoder|decoder)\.layers\.(\d+)\.ffn\.linear2\.(.*)$", r"transformer.\1.layers.\2.ffns.0.layers.1.\3"),
-    (r"^decoder\.layers\.(\d+)\.self_attn\.(.*)$", r"transformer.decoder.layers.\1.attentions.0.attn.\2"),
-    (r"^decoder\.layers\.(\d+)\.cross_attn\.(.*)$", r"transformer.decoder.layers.\1.attentions.1.\2"),
-    (r"^decoder\.layers\.(\d+)\.self_attn_norm\.(.*)$", r"transformer.decoder.layers.\1.norms.0.\2"),
-    (r"^decoder\.layers\.(\d+)\.cross_attn_norm\.(.*)$", r"transformer.decoder.layers.\1.norms.1.\2"),
-    (r"^decoder\.layers\.(\d+)\.ffn_norm\.(.*)$", r"transformer.decoder.layers.\1.norms.2.\2"),
-    (r"^decoder\.(ref_point_head|norm)\.(.*)$", r"transformer.decoder.\1.\2"),
-    (r"^encoder\.layers\.(\d+)\.oesm_attn\.(.*)$", r"transformer.encoder.layers.\1.attentions.0.attn.\2"),
-    (r"^encoder\.layers\.(\d+)\.cross_attn\.(.*)$", r"transformer.encoder.layers.\1.attentions.1.\2"),
-    (r"^encoder\.layers\.(\d+)\.oesm_norm\.(.*)$", r"transformer.encoder.layers.\1.norm2.\2"),
-    (r"^encoder\.layers\.(\d+)\.cross_attn_norm\.(.*)$", r"transformer.encoder.layers.\1.norms.0.\2"),
-    (r"^encoder\.layers\.(\d+)\.ffn_norm\.(.*)$", r"transformer.encoder.layers.\1.norms.1.\2"),
-    (r"^dn_label_embed\.weight$", "label_enc.weight"),
-    (r"^class_heads\.(\d+)\.(.*)$", r"class_embed.\1.\2"),
-    (r"^box_heads\.(\d+)\.(.*)$", r"bbox_embed.\1.\2"),
-    (r"^(backbone|neck)\.(.*)$", r"\1.\2"),
-]
-
-
-def official_checkpoint(model: focus_detr.FocusDETR) -> dict:
-    """``{"model": state dict under official names (with the alias copies), "iteration": 0}``."""
-    n_dec, n_enc = model.cfg.decoder.num_layers, model.cfg.encoder.num_layers
-    sd: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
-        head = re.match(r"^proposal_(class|box)_head\.(.*)$", key)
-        if head:
-            new = f"{'class' if head.group(1) == 'class' else 'bbox'}_embed.{n_dec}.{head.group(2)}"
-        else:
-            new = next(re.sub(p, r, key) for p, r in _OURS_TO_OFFICIAL if re.match(p, key))
-        sd[new] = value.clone()
-    for key in list(sd):
-        m = re.match(r"^(class_embed|bbox_embed)\.(\d+)\.(.*)$", key)
-        if m:
-            sd[f"transformer.decoder.{key}"] = sd[key]
-            if m.group(1) == "class_embed" and int(m.group(2)) == n_dec:
-                for i in range(n_enc):
-                    sd[f"enhance_MCSP_layerlist.{i}.{m.group(3)}"] = sd[key]
-                    sd[f"transformer.encoder.enhance_MCSP.{i}.{m.group(3)}"] = sd[key]
-    return {"model": sd, "iteration": 0}
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:

@@ -13,7 +13,7 @@ import torch
 import focus_detr
 from focus_detr.config import SwinConfig, make_config
 from focus_detr.convert import integer_buffer_problems
-from test_cli_tools import official_checkpoint
+from weights_utils import official_checkpoint
 
 INDEX_KEY = "backbone.layers.1.blocks.0.attn.relative_position_index"
 

@@ -5,31 +5,19 @@ from __future__ import annotations
 import json
 import re
 import threading
-import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
 
+import focus_detr
+from parity_utils import rule_value
+
 FIXTURE = Path(__file__).parent / "fixtures" / "official_parity"
 
 
 # --------------------------------------------------------------------------------------------------
-# The parity fixture's weight rule (fixture README section 2), written out here so these tests do not depend
-# on parity_utils' API.
-
-
-def rule_value(name: str, shape, salt: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + salt)
-    u = torch.rand(tuple(shape), generator=g, dtype=torch.float64) * 2 - 1
-    if len(shape) >= 2:
-        fan_in = int(torch.tensor(shape[1:]).prod())
-        return (u * (3.0 / fan_in) ** 0.5).float()
-    if name.endswith("running_var"):
-        return (1.0 + 0.5 * u).float()
-    if name.endswith(".weight"):
-        return (1.0 + 0.2 * u).float()
-    return (0.1 * u).float()
+# Official-format state dicts: the parity fixture's weight rule, and our small models under official names
 
 
 def fixture_official_state_dict(folder: Path = FIXTURE) -> dict[str, torch.Tensor]:
@@ -47,23 +35,9 @@ def fixture_official_state_dict(folder: Path = FIXTURE) -> dict[str, torch.Tenso
     return sd
 
 
-# --------------------------------------------------------------------------------------------------
 # Our names -> official detrex names (focus encoder), to write official-format files of small presets.
 
-_TO_OFFICIAL = [
-    (r"^encoder\.layers\.(\d+)\.oesm_attn\.(.*)$", r"transformer.encoder.layers.\1.attentions.0.attn.\2"),
-    (r"^encoder\.layers\.(\d+)\.cross_attn\.(.*)$", r"transformer.encoder.layers.\1.attentions.1.\2"),
-    (r"^encoder\.layers\.(\d+)\.oesm_norm\.(.*)$", r"transformer.encoder.layers.\1.norm2.\2"),
-    (r"^encoder\.layers\.(\d+)\.cross_attn_norm\.(.*)$", r"transformer.encoder.layers.\1.norms.0.\2"),
-    (r"^encoder\.layers\.(\d+)\.ffn_norm\.(.*)$", r"transformer.encoder.layers.\1.norms.1.\2"),
-    (r"^(encoder|decoder)\.layers\.(\d+)\.ffn\.linear1\.(.*)$", r"transformer.\1.layers.\2.ffns.0.layers.0.0.\3"),
-    (r"^(encoder|decoder)\.layers\.(\d+)\.ffn\.linear2\.(.*)$", r"transformer.\1.layers.\2.ffns.0.layers.1.\3"),
-    (r"^decoder\.layers\.(\d+)\.self_attn\.(.*)$", r"transformer.decoder.layers.\1.attentions.0.attn.\2"),
-    (r"^decoder\.layers\.(\d+)\.cross_attn\.(.*)$", r"transformer.decoder.layers.\1.attentions.1.\2"),
-    (r"^decoder\.layers\.(\d+)\.self_attn_norm\.(.*)$", r"transformer.decoder.layers.\1.norms.0.\2"),
-    (r"^decoder\.layers\.(\d+)\.cross_attn_norm\.(.*)$", r"transformer.decoder.layers.\1.norms.1.\2"),
-    (r"^decoder\.layers\.(\d+)\.ffn_norm\.(.*)$", r"transformer.decoder.layers.\1.norms.2.\2"),
-    (r"^decoder\.(ref_point_head|norm)\.(.*)$", r"transformer.decoder.\1.\2"),
+_OURS_TO_OFFICIAL = [
     (r"^level_embed$", "transformer.level_embeds"),
     (r"^foreground_selector\.alpha$", "transformer.alpha"),
     (r"^target_embed\.weight$", "transformer.tgt_embed.weight"),
@@ -72,6 +46,19 @@ _TO_OFFICIAL = [
     (r"^foreground_selector\.score_net\.norm\.(.*)$", r"transformer.enc_mask_predictor.layer1.0.\1"),
     (r"^foreground_selector\.score_net\.proj\.(.*)$", r"transformer.enc_mask_predictor.layer1.1.\1"),
     (r"^foreground_selector\.score_net\.head\.(\d)\.(.*)$", r"transformer.enc_mask_predictor.layer2.\1.\2"),
+    (r"^(encoder|decoder)\.layers\.(\d+)\.ffn\.linear1\.(.*)$", r"transformer.\1.layers.\2.ffns.0.layers.0.0.\3"),
+    (r"^(encoder|decoder)\.layers\.(\d+)\.ffn\.linear2\.(.*)$", r"transformer.\1.layers.\2.ffns.0.layers.1.\3"),
+    (r"^decoder\.layers\.(\d+)\.self_attn\.(.*)$", r"transformer.decoder.layers.\1.attentions.0.attn.\2"),
+    (r"^decoder\.layers\.(\d+)\.cross_attn\.(.*)$", r"transformer.decoder.layers.\1.attentions.1.\2"),
+    (r"^decoder\.layers\.(\d+)\.self_attn_norm\.(.*)$", r"transformer.decoder.layers.\1.norms.0.\2"),
+    (r"^decoder\.layers\.(\d+)\.cross_attn_norm\.(.*)$", r"transformer.decoder.layers.\1.norms.1.\2"),
+    (r"^decoder\.layers\.(\d+)\.ffn_norm\.(.*)$", r"transformer.decoder.layers.\1.norms.2.\2"),
+    (r"^decoder\.(ref_point_head|norm)\.(.*)$", r"transformer.decoder.\1.\2"),
+    (r"^encoder\.layers\.(\d+)\.oesm_attn\.(.*)$", r"transformer.encoder.layers.\1.attentions.0.attn.\2"),
+    (r"^encoder\.layers\.(\d+)\.cross_attn\.(.*)$", r"transformer.encoder.layers.\1.attentions.1.\2"),
+    (r"^encoder\.layers\.(\d+)\.oesm_norm\.(.*)$", r"transformer.encoder.layers.\1.norm2.\2"),
+    (r"^encoder\.layers\.(\d+)\.cross_attn_norm\.(.*)$", r"transformer.encoder.layers.\1.norms.0.\2"),
+    (r"^encoder\.layers\.(\d+)\.ffn_norm\.(.*)$", r"transformer.encoder.layers.\1.norms.1.\2"),
     (r"^dn_label_embed\.weight$", "label_enc.weight"),
     (r"^class_heads\.(\d+)\.(.*)$", r"class_embed.\1.\2"),
     (r"^box_heads\.(\d+)\.(.*)$", r"bbox_embed.\1.\2"),
@@ -79,19 +66,33 @@ _TO_OFFICIAL = [
 ]
 
 
-def official_from_ours(model) -> dict[str, torch.Tensor]:
-    """``model``'s weights under the official detrex key names (``{"model": ...}`` content)."""
-    n = model.cfg.decoder.num_layers
-    out = {}
+def official_checkpoint(model: focus_detr.FocusDETR) -> dict:
+    """``{"model": state dict under official names (with the alias copies), "iteration": 0}``."""
+    n_dec, n_enc = model.cfg.decoder.num_layers, model.cfg.encoder.num_layers
+    sd: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
-        key = re.sub(r"^proposal_(class|box)_head\.", lambda m: f"{m[1]}_heads.{n}.", key)
-        for pattern, repl in _TO_OFFICIAL:
-            if re.match(pattern, key):
-                out[re.sub(pattern, repl, key)] = value.clone()
-                break
+        head = re.match(r"^proposal_(class|box)_head\.(.*)$", key)
+        if head:
+            new = f"{'class' if head.group(1) == 'class' else 'bbox'}_embed.{n_dec}.{head.group(2)}"
         else:
-            raise AssertionError(f"no official name for {key}")
-    return out
+            new = next(re.sub(p, r, key) for p, r in _OURS_TO_OFFICIAL if re.match(p, key))
+        sd[new] = value.clone()
+    for key in list(sd):
+        m = re.match(r"^(class_embed|bbox_embed)\.(\d+)\.(.*)$", key)
+        if m:
+            sd[f"transformer.decoder.{key}"] = sd[key]
+            if m.group(1) == "class_embed" and int(m.group(2)) == n_dec:
+                for i in range(n_enc):
+                    sd[f"enhance_MCSP_layerlist.{i}.{m.group(3)}"] = sd[key]
+                    sd[f"transformer.encoder.enhance_MCSP.{i}.{m.group(3)}"] = sd[key]
+    return {"model": sd, "iteration": 0}
+
+
+
+def official_from_ours(model) -> dict[str, torch.Tensor]:
+    """``model``'s weights under the official detrex key names, alias copies included (``{"model": ...}``
+    content)."""
+    return official_checkpoint(model)["model"]
 
 
 # --------------------------------------------------------------------------------------------------
