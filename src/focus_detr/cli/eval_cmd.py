@@ -74,16 +74,7 @@ def load_any_model(path: str | Path, preset: str | None = None, ema: bool = Fals
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from ..api import CheckpointFormatError
-    from ..data import DataError
-    from ..data.class_map import parse_class_map
-    from ..data.layouts import require_split
-    from ..engine.data import build_eval_dataset
-    from ..engine.distributed import (DistributedError, cleanup_distributed, env_dist_info, init_distributed,
-                                      process_device)
-    from ..engine.evaluate import evaluate, format_metrics
+    from ..engine.distributed import env_dist_info, process_device
     from .main import CLIError
 
     if args.batch_size <= 0:
@@ -97,6 +88,37 @@ def run(args: argparse.Namespace) -> int:
     info = env_dist_info(args.dist_timeout)
     out = Path(args.out) if args.out else Path(args.weights).resolve().parent / f"eval_{args.split}"
     device = process_device(args.device, info)
+    # An unwritable --out fails now, not after the evaluation; a folder made here is removed again if the
+    # command fails before writing into it (a refused dataset or weights file leaves nothing behind).
+    made_out = info.is_main and not out.exists()
+    if info.is_main:
+        from .predict_cmd import check_output_folder
+
+        check_output_folder(str(out))
+    try:
+        return _evaluate(args, info, device, out)
+    except BaseException:
+        if made_out:
+            try:
+                out.rmdir()  # only if still empty
+            except OSError:
+                pass
+        raise
+
+
+def _evaluate(args: argparse.Namespace, info, device, out: Path) -> int:
+    """``run`` after the argument and --out checks."""
+    import json
+
+    from ..api import CheckpointFormatError
+    from ..data import DataError
+    from ..data.class_map import parse_class_map
+    from ..data.layouts import require_split
+    from ..engine.data import build_eval_dataset
+    from ..engine.distributed import DistributedError, cleanup_distributed, init_distributed
+    from ..engine.evaluate import evaluate, format_metrics
+    from .main import CLIError
+
     overrides = {}
     if args.short_side:
         overrides["test_short_side"] = args.short_side
@@ -109,10 +131,6 @@ def run(args: argparse.Namespace) -> int:
         dataset = build_eval_dataset(source, args.split, model.cfg.test_short_side, model.cfg.test_max_size,
                                      model.cfg.class_names, model.cfg.num_classes, class_map,
                                      args.allow_outside_images)
-        if info.is_main:  # an unwritable --out fails now, not after the evaluation (a refused dataset leaves no folder)
-            from .predict_cmd import check_output_folder
-
-            check_output_folder(str(out))
         init_distributed(info, device)
         try:
             metrics = evaluate(model, dataset, device, out, info, args.batch_size, args.workers, args.max_images,
