@@ -91,7 +91,7 @@ def load_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def _text_color(background: tuple[int, int, int]) -> tuple[int, int, int]:
+def text_color(background: tuple[int, int, int]) -> tuple[int, int, int]:
     """Black or white, whichever contrasts more with ``background`` (WCAG relative luminance)."""
 
     def channel(c: int) -> float:
@@ -305,7 +305,7 @@ def _draw_tag(draw: ImageDraw.ImageDraw, text: str, spot: tuple[float, float], c
     tx, ty = spot
     draw.rectangle((tx, ty, tx + right - left + 2 * pad - 1, ty + bottom - top + 2 * pad - 1), fill=color)
     # textbbox is relative to the anchor and can start below/right of it (font ascent), hence -left/-top.
-    draw.text((tx + pad - left, ty + pad - top), text, fill=_text_color(color), font=font)
+    draw.text((tx + pad - left, ty + pad - top), text, fill=text_color(color), font=font)
 
 
 def _add_legend(picture: Image.Image, entries: Sequence[tuple[str, tuple[int, int, int]]]) -> Image.Image:

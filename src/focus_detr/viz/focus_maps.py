@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from focus_detr.viz.draw import _text_color, class_color, to_pil_rgb
+from focus_detr.viz.draw import text_color, class_color, to_pil_rgb
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -278,7 +278,7 @@ def kept_share_map(level_masks: Sequence[np.ndarray], valid_masks: Sequence[np.n
     return share, cell
 
 
-def _new_figure(figsize: tuple[float, float]) -> "Figure":
+def new_figure(figsize: tuple[float, float]) -> "Figure":
     """A matplotlib figure drawn by Agg, made without pyplot.
 
     Going around pyplot means no display is ever needed, the caller's backend (e.g. a notebook's) is
@@ -508,7 +508,7 @@ def explain_figure(
         body = sum(max(q.height for q in line) + _title_height(line) for line in lines)
         layout.append((wrapped, cap_h, lines, footer))
         height += cap_h + body + footer_h[footer] + _GAP
-    fig = _new_figure((width_inches, height))
+    fig = new_figure((width_inches, height))
 
     def rect(x: float, y: float, w: float, h: float) -> list[float]:
         """Inches from the top-left corner -> figure fraction rectangle."""
@@ -652,7 +652,7 @@ def _draw_detection_patches(
         if spot is None:
             continue
         ax.text(spot[0] + 0.3 * fontsize * px_per_pt, spot[1] + size[1] / 2, text, fontsize=fontsize, va="center",
-                ha="left", clip_on=True, color=np.array(_text_color(class_color(int(labels[k])))) / 255.0,
+                ha="left", clip_on=True, color=np.array(text_color(class_color(int(labels[k])))) / 255.0,
                 bbox={"facecolor": color, "edgecolor": "none", "pad": 1.0, "alpha": 0.9})
     return sum(spot is None for _, spot, _ in spots)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from focus_detr.viz.focus_maps import _new_figure, save_figure
+from focus_detr.viz.focus_maps import new_figure, save_figure
 
 # Keys tried, in order, for the total loss and for a latency value.
 TOTAL_LOSS_KEYS = ("loss", "total_loss", "loss_total")
@@ -83,7 +83,7 @@ def plot_loss_curve(
         raise ValueError(f"no loss keys found in history (first row: {sorted(history[0])})")
     window = smooth if smooth is not None else max(1, len(history) // 25)
 
-    fig = _new_figure((7.0, 4.2))
+    fig = new_figure((7.0, 4.2))
     ax = fig.add_subplot()
     all_values: list[float] = []
     colors = ["black", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
@@ -138,7 +138,7 @@ def plot_benchmark_bars(
         table[(stage, mode)] = (float(row[key]), _float(row.get("std_ms")))
     mode_list = [m for m in MODE_ORDER if m in modes] + sorted(modes - set(MODE_ORDER))
 
-    fig = _new_figure((max(5.0, 1.3 * len(stages) * max(1, len(mode_list)) / 2 + 2.0), 3.8))
+    fig = new_figure((max(5.0, 1.3 * len(stages) * max(1, len(mode_list)) / 2 + 2.0), 3.8))
     ax = fig.add_subplot()
     x = np.arange(len(stages), dtype=np.float64)
     width = 0.8 / len(mode_list)
