@@ -31,7 +31,7 @@ from focus_detr.viz import (
     token_positions,
     valid_token_maps,
 )
-from focus_detr.viz.draw import _text_color, place_tags
+from focus_detr.viz.draw import text_color, place_tags
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -177,9 +177,9 @@ def test_draw_detections_takes_a_detections_object() -> None:
 
 
 def test_text_color_contrasts_with_background() -> None:
-    assert _text_color((255, 225, 53)) == (0, 0, 0)  # yellow -> black text
-    assert _text_color((0, 0, 128)) == (255, 255, 255)  # navy -> white text
-    assert _text_color((255, 255, 255)) == (0, 0, 0)
+    assert text_color((255, 225, 53)) == (0, 0, 0)  # yellow -> black text
+    assert text_color((0, 0, 128)) == (255, 255, 255)  # navy -> white text
+    assert text_color((255, 255, 255)) == (0, 0, 0)
 
 
 def test_draw_rejects_mismatched_lengths() -> None:
