@@ -44,8 +44,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "--set encoder.oesm_score=prob_product or --set decoder.query_nms_iou=None")
     add_device_option(p, default="cpu")
     add_threads_option(p, default=1, note=". One thread is the robust default: when another process starts "
-                       "competing for the cores, spinning OpenMP threads slow training 10-100x, one thread only "
-                       "proportionally")
+                       "competing for the cores, spinning OpenMP threads slow training many times over, one thread "
+                       "only proportionally (docs/training.md)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0: decoding is cheap here)")
     p.add_argument("--pictures", type=int, default=6, help="held-out images drawn with their detections (default 6)")
     add_quiet_option(p, no_progress_alias=True)
