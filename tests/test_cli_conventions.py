@@ -192,10 +192,10 @@ def test_help_texts_promise_only_what_is_written(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     demo_help = capsys.readouterr().out
-    # The demo's recipe has no EMA: it writes (and evaluates) model_final.pth.
-    from focus_detr.cli.demo_cmd import RECIPE
+    # The demo's recipe has no EMA (no switch for it either): it writes (and evaluates) model_final.pth.
+    from focus_detr.engine.demo import RECIPE
 
-    assert not RECIPE.ema and "model_final_ema.pth" not in demo_help and "model_final.pth" in demo_help
+    assert not hasattr(RECIPE, "ema") and "model_final_ema.pth" not in demo_help and "model_final.pth" in demo_help
     with pytest.raises(SystemExit):
         main(["benchmark", "--help"])
     assert "commit" not in capsys.readouterr().out

@@ -107,20 +107,21 @@ def test_clear_errors_without_tracebacks(workspace, tmp_path):
 
 
 def test_demo_time_budget_helpers(tmp_path):
-    from focus_detr.cli.demo_cmd import _planned_iterations, _seconds_per_iteration, choose_threads
+    from focus_detr.cli.options import choose_threads
+    from focus_detr.engine.demo import planned_iterations, seconds_per_iteration
 
     rows = [{"type": "event", "iter": 0, "time": 0.0}, {"type": "train", "iter": 25, "time": 100.0},
             {"type": "train", "iter": 50, "time": 105.0}]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert _seconds_per_iteration(tmp_path / "metrics.jsonl") == pytest.approx(0.2)
-    assert _planned_iterations(tmp_path) is None
+    assert seconds_per_iteration(tmp_path / "metrics.jsonl") == pytest.approx(0.2)
+    assert planned_iterations(tmp_path) is None
     (tmp_path / "demo_plan.json").write_text(json.dumps({"iterations": 4200}))
-    assert _planned_iterations(tmp_path) == 4200
+    assert planned_iterations(tmp_path) == 4200
     assert choose_threads("3") == 3 and choose_threads("auto") >= 1
 
 
 def test_demo_plan_fits_the_budget_or_reports_the_overrun():
-    from focus_detr.cli.demo_cmd import RECIPE, plan_iterations
+    from focus_detr.engine.demo import RECIPE, plan_iterations
 
     # The development machine: 0.161 s per iteration, 25 s spent -> 5200 iterations, about 14.7 min expected.
     iterations, expected = plan_iterations(RECIPE, 0.161, 25.0, 17.0)

@@ -203,11 +203,25 @@ PRESETS: dict[str, FocusDETRConfig] = {
 }
 
 
+class ConfigError(ValueError):
+    """A preset or model option that does not exist: bad input (the command line reports it in one line)."""
+
+
+class UnknownPresetError(ConfigError, KeyError):
+    """No preset of that name (also a KeyError: a failed lookup in :data:`PRESETS`)."""
+
+    __str__ = Exception.__str__  # the message itself, not KeyError's quoted repr of it
+
+
+class UnknownOptionError(ConfigError, TypeError):
+    """No config field of that name (also a TypeError, as for an unknown keyword argument)."""
+
+
 def get_preset(name: str) -> FocusDETRConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise KeyError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}") from None
+        raise UnknownPresetError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}") from None
 
 
 def _apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
@@ -229,12 +243,12 @@ def _apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
                     section, sub = name, key[len(name) + 1:]
                     break
             else:
-                raise TypeError(f"unknown model option {key!r}; valid top-level options: {sorted(top_fields)}")
+                raise UnknownOptionError(f"unknown model option {key!r}; valid top-level options: {sorted(top_fields)}")
         sub_cfg = getattr(cfg, section, None)
         if not dataclasses.is_dataclass(sub_cfg):
-            raise TypeError(f"unknown model option {key!r}")
+            raise UnknownOptionError(f"unknown model option {key!r}")
         if sub not in {f.name for f in dataclasses.fields(sub_cfg)}:
-            raise TypeError(f"unknown model option {key!r}: {type(sub_cfg).__name__} has no field {sub!r}")
+            raise UnknownOptionError(f"unknown model option {key!r}: {type(sub_cfg).__name__} has no field {sub!r}")
         nested.setdefault(section, {})[sub] = value
     for section, values in nested.items():
         direct[section] = dataclasses.replace(getattr(cfg, section), **values)

@@ -54,7 +54,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .main import CLIError
+    from .errors import CLIError
 
     from ..bench import benchmark_train_step, format_report, parse_size, plot_report, run_benchmark
     from ..bench.models import MODES

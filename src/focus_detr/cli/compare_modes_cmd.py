@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..engine.compare import CompareError, CompareRecipe, command_line, compare_modes
-    from .main import CLIError
+    from .errors import CLIError
 
     if args.iters < 1 or args.seeds < 1 or args.batch_size < 1 or args.jobs < 1 or args.latency_repeats < 0:
         raise CLIError("--iters, --seeds, --batch-size and --jobs must be >= 1 and --latency-repeats >= 0")

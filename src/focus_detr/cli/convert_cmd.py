@@ -51,7 +51,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from .. import api
     from ..weights.kinds import build_for_state_dict, read_weights
-    from .main import CLIError
+    from .errors import CLIError
 
     src, out = args.official, Path(args.out)
     if out.exists() and not args.force:
@@ -91,7 +91,7 @@ def verify_roundtrip(model, path: Path, size: tuple[int, int] = (160, 224), devi
     import torch
 
     from .. import api
-    from .main import CLIError
+    from .errors import CLIError
 
     device = torch.device("cpu") if device is None else device
     loaded = api.load(path)

@@ -75,7 +75,7 @@ def load_any_model(path: str | Path, preset: str | None = None, ema: bool = Fals
 
 def run(args: argparse.Namespace) -> int:
     from ..engine.distributed import env_dist_info, process_device
-    from .main import CLIError
+    from .errors import CLIError
 
     if args.batch_size <= 0:
         raise CLIError("--batch-size must be positive")
@@ -117,7 +117,7 @@ def _evaluate(args: argparse.Namespace, info, device, out: Path) -> int:
     from ..engine.data import build_eval_dataset
     from ..engine.distributed import DistributedError, cleanup_distributed, init_distributed
     from ..engine.evaluate import evaluate, format_metrics
-    from .main import CLIError
+    from .errors import CLIError
 
     overrides = {}
     if args.short_side:

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from ..ops.errors import DataError
     from ..inference import explain
     from ..viz import save_figure
-    from .main import CLIError
+    from .errors import CLIError
 
     weights, images = split_weights(args, args.paths, "IMAGE")
     if len(images) != 1:

@@ -51,7 +51,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..export.onnx import DEFAULT_OPSET, MIN_SIZE, OnnxExportError, default_example_size, export_onnx
-    from .main import CLIError
+    from .errors import CLIError
 
     opset = DEFAULT_OPSET if args.opset is None else args.opset
 

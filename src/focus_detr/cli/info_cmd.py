@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from ..config import config_to_dict, make_config
     from ..weights import registry
     from ..weights.kinds import KIND_NAMES, read_weights
-    from .main import CLIError
+    from .errors import CLIError
 
     target = args.target
     if not Path(target).exists() and target not in PRESETS and registry.find(target) is None and "/" not in target:

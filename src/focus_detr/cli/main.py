@@ -1,8 +1,10 @@
 """``focus-detr`` console script: one sub-command per module in this package.
 
 Each command module defines ``add_parser(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``
-(the exit code). Errors we anticipate are raised as :class:`CLIError` (message, exit code 2) or the library's
-own error types, and printed without a traceback; ``--debug`` shows the traceback.
+(the exit code). Errors that are the user's to fix are raised as :class:`~focus_detr.cli.errors.CLIError`
+(message, exit code 2) or the library's own error types (cli/errors.py lists them) and printed in one line
+without a traceback; ``--debug`` shows the traceback. Any other exception is a bug: its traceback and a line
+asking to report it are printed (exit code 1).
 """
 
 from __future__ import annotations
@@ -12,18 +14,11 @@ import importlib
 import sys
 
 from ..devices import DeviceError
+from .errors import CLIError, is_user_error, report_bug
 
 # Order = order in --help.
 COMMANDS = ["demo", "make_data", "train", "eval", "predict", "explain", "convert", "info", "models", "export",
             "benchmark", "compare_modes"]
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as ``error: <message>``, exit code ``code``."""
-
-    def __init__(self, message: str, code: int = 2) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,16 +59,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, KeyError, TypeError, ImportError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - every exception ends here: one line, or a traceback for a bug
         if args.debug:
             raise
+        if not is_user_error(e):
+            report_bug(e)
+            return 1
         print(f"error: {e}", file=sys.stderr)
         return 1
 
 
-if __name__ == "__main__":  # pragma: no cover
-    # Run through the package module, not this __main__ copy: commands raise focus_detr.cli.main.CLIError,
-    # which must be the class main() catches.
-    from focus_detr.cli.main import main as _package_main
-
-    sys.exit(_package_main())
+if __name__ == "__main__":  # pragma: no cover  (python -m focus_detr.cli.main, as under torchrun)
+    sys.exit(main())

@@ -49,7 +49,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..data import SHAPES_LAYOUTS, ensure_shapes_dataset, make_shapes_dataset
-    from .main import CLIError
+    from .errors import CLIError
 
     if args.train < 1 or args.val < 0:
         raise CLIError("--train must be >= 1 and --val >= 0")

@@ -94,7 +94,7 @@ def check_device(args: argparse.Namespace):
     """Resolve ``args.device`` now, so a device this machine lacks fails in a second, before any loading.
     Returns the :class:`torch.device`; raises :class:`~focus_detr.cli.main.CLIError` (exit 2)."""
     from ..devices import DeviceError, resolve_device
-    from .main import CLIError
+    from .errors import CLIError
 
     try:
         return resolve_device(args.device)

@@ -52,7 +52,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def split_weights(args: argparse.Namespace, positional: list[str], what: str) -> tuple[str | None, list[str]]:
     """Positional arguments are ``WEIGHTS ITEM...``, or just ``ITEM...`` with ``--random-init``."""
-    from .main import CLIError
+    from .errors import CLIError
 
     if args.random_init:
         if args.preset is None:
@@ -76,7 +76,7 @@ def model_from_args(args: argparse.Namespace, weights: str | None):
 def check_output_folder(folder: str, what: str = "--out") -> None:
     """Create ``folder`` and make sure it takes files, before any long work (one-line CLIError if not)."""
     from ..engine.run_dir import RunDirError, ensure_writable
-    from .main import CLIError
+    from .errors import CLIError
 
     try:
         ensure_writable(folder, what)
@@ -143,7 +143,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..inference import discover_inputs, predict_to_folder
-    from .main import CLIError
+    from .errors import CLIError
 
     from .options import check_device
 

@@ -146,7 +146,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace):
     """The :class:`~focus_detr.engine.TrainConfig` described by parsed ``train`` arguments."""
     from ..engine import TrainConfig
-    from .main import CLIError
+    from .errors import CLIError
 
     if args.data is None and args.train_json is None:
         raise CLIError("no dataset: pass --data DATA_DIR or --train-json FILE (see focus-detr train --help)")
@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.distributed import DistributedError
     from ..engine.run_dir import RunDirError
     from ..engine.train import RunStorageError
-    from .main import CLIError
+    from .errors import CLIError
 
     cfg = config_from_args(args)
     check_device(args)

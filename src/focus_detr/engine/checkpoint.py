@@ -15,9 +15,12 @@ file from an untrusted source cannot run code::
     ema             AveragedModel state dict or None
     grad_scaler     GradScaler state dict or None
     rng             one entry per process (rank order): python / numpy / torch / cuda generator states
-    data            {"samples_per_process": ..., "world_size": ..., "seed": ...}: the sampler position
-    counters        {"skipped_steps": ...}
+    data            {"samples_per_process", "batch_size", "world_size", "seed"}: the sampler position
+    counters        {"skipped_steps", "best_ap", "best_iter", "evals_since_best"}
     sha256          digest of everything above (tensor bytes included)
+
+:func:`training_checkpoint` assembles this dict (the one place that does); :func:`save_checkpoint` adds the
+header and checksum and writes it.
 
 Files are written to a temporary name unique to the process in the same folder, flushed and fsync'ed, then
 renamed over the final name (:func:`focus_detr.weights.files.atomic_write`), so a crash never leaves a
@@ -36,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 # Reading, checksum and atomic writing are focus_detr.weights' (one of each for every model file); the names
 # stay importable from here for the training code.
@@ -88,7 +92,46 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Save / load
+# Content / save / load
+
+
+def training_checkpoint(*, iteration: int, model_config: dict[str, Any], train_config: dict[str, Any],
+                        model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: dict[str, Any],
+                        ema: nn.Module | None, grad_scaler: torch.amp.GradScaler | None, rng: list[dict[str, Any]],
+                        batch_size: int, world_size: int, seed: int, skipped_steps: int, best_ap: float | None,
+                        best_iter: int | None, evals_since_best: int) -> dict[str, Any]:
+    """The content of a training checkpoint (the schema in the module docstring), tensors on the CPU.
+
+    ``model`` is the bare model (not the DDP wrapper: no ``module.`` prefix); ``rng`` holds every process's
+    :func:`capture_rng_state` in rank order; ``batch_size`` is per process."""
+    return {
+        "iteration": iteration,
+        "model_config": model_config,
+        "train_config": train_config,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": to_cpu(optimizer.state_dict()),
+        "scheduler": scheduler,
+        "ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()} if ema is not None else None,
+        "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
+        "rng": rng,
+        "data": {"samples_per_process": iteration * batch_size, "batch_size": batch_size, "world_size": world_size,
+                 "seed": seed},
+        "counters": {"skipped_steps": skipped_steps, "best_ap": best_ap, "best_iter": best_iter,
+                     "evals_since_best": evals_since_best},
+    }
+
+
+def to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor inside dicts / lists / tuples detached and moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(to_cpu(v) for v in obj)
+    return obj
 
 
 def save_checkpoint(path: str | Path, content: Mapping[str, Any]) -> Path:

@@ -2,8 +2,11 @@
 
 It runs as one process (CPU or one GPU) or under ``torchrun --nproc_per_node N`` as DDP; everything that
 writes files happens on rank 0 only. One iteration = one optimiser step on ``batch_size`` images per
-process. Read :func:`train` top to bottom: set-up, resume, the loop (forward, loss, backward, clip, step,
-EMA), then logging / evaluation / checkpointing at their intervals.
+process. :func:`train` claims the run folder and installs the stop handlers; :class:`Trainer` is the run,
+its methods in the order they run: ``set_up`` (data, model, schedule), ``restore`` (resume or initial
+weights), ``describe`` (DDP, loader, run description), then ``run``: per iteration ``step`` (forward, loss,
+backward, clip, step, EMA; non-finite steps skipped), then ``log`` / ``evaluate`` / ``checkpoint`` at their
+intervals, and ``finish``.
 
 Run folder (``out_dir``; see engine/run_dir.py for its rules: refused when it holds another run unless
 ``resume`` / ``overwrite``, locked while a run writes to it, leftovers of killed writers removed at start)::
@@ -36,9 +39,7 @@ import errno
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -61,9 +62,10 @@ from .distributed import (DistInfo, DistributedError, all_gather_objects, any_tr
                           cleanup_distributed, env_dist_info, init_distributed, mean_over_processes, process_device)
 from .evaluate import evaluate, format_metrics
 from .logging import MetricsLogger, TeeToLog, environment_info, write_json
+from .optim import LRSchedule, build_optimizer, schedule_for, set_lr
 from .run_dir import (RunDirError, RunLock, check_new_run, ensure_writable, find_os_error, remove_orphaned_temporaries,
                       storage_error_text)
-from .optim import LRSchedule, build_optimizer, schedule_for, set_lr
+from .stopping import StopRequest, install_stop_handlers, restore_handlers, signal_name
 
 
 class TrainingDivergedError(RuntimeError):
@@ -245,58 +247,6 @@ def _is_storage_failure(error: OSError, run_dir: Path) -> bool:
         return False
 
 
-class _StopRequest:
-    """What the signal handlers saw. The first SIGTERM / SIGUSR1 / SIGINT is recorded (the loop stops at the
-    end of the current step); a second one exits the process at once. Under torchrun the agent forwards the
-    job's signal to every rank right after the job's own copy arrived: that repeat does not count."""
-
-    AGENT_REPEAT_S = 5.0
-
-    def __init__(self, lock: RunLock | None = None) -> None:
-        self.signals: list[int] = []
-        self.first_at = 0.0
-        self.pid = os.getpid()
-        self.lock = lock
-        self.last_checkpoint: Path | None = None
-        self.under_agent = "TORCHELASTIC_RUN_ID" in os.environ
-
-    def __bool__(self) -> bool:
-        return bool(self.signals)
-
-    @property
-    def signal(self) -> int | None:
-        return self.signals[0] if self.signals else None
-
-    def on_signal(self, signum: int, frame: Any) -> None:
-        if os.getpid() != self.pid:
-            return  # a DataLoader worker forked before its worker_init_fn ran: the main process decides
-        now = time.monotonic()
-        if not self.signals:
-            self.signals.append(signum)
-            self.first_at = now
-            return
-        if self.under_agent and signum == self.signals[0] and now - self.first_at < self.AGENT_REPEAT_S:
-            return
-        where = (f"the last complete checkpoint is {self.last_checkpoint}" if self.last_checkpoint
-                 else "no checkpoint was written yet")
-        try:
-            sys.stderr.write(f"second signal ({_signal_name(signum)}): exiting at once without a new checkpoint; "
-                             f"{where}\n")
-            sys.stderr.flush()
-        except Exception:  # noqa: BLE001 - nothing may stop the exit
-            pass
-        if self.lock is not None:
-            self.lock.release()
-        os._exit(128 + signum)
-
-
-def _signal_name(signum: int | None) -> str:
-    try:
-        return signal.Signals(signum).name if signum is not None else "?"
-    except ValueError:
-        return str(signum)
-
-
 def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResult:
     """Claim the run folder (rank 0), then train inside it with log.txt and the stop handlers in place."""
     run_dir = Path(cfg.out_dir)
@@ -322,8 +272,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
     if problem is not None:
         lock.release()
         raise RunDirError(problem)
-    stop = _StopRequest(lock)
-    previous_handlers = _install_stop_handlers(stop.on_signal)
+    stop = StopRequest(lock)
+    previous_handlers = install_stop_handlers(stop.on_signal)
     try:
         with TeeToLog(run_dir / "log.txt") if info.is_main else contextlib.nullcontext():
             for caution in cautions:
@@ -331,7 +281,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
             for note in notes:
                 print(note)
             try:
-                return _run(cfg, info, device, run_dir, stop)
+                return Trainer(cfg, info, device, run_dir, stop).run()
             except (DistributedError, TrainingDivergedError, RunDirError, RunStorageError):
                 raise
             except Exception as e:
@@ -341,99 +291,142 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResul
                 raise RunStorageError(storage_error_text(e, os_error.filename or run_dir,
                                                          stop.last_checkpoint)) from None
     finally:
-        _restore_handlers(previous_handlers)
+        restore_handlers(previous_handlers)
         lock.release()
 
 
-def _run(cfg: TrainConfig, info: DistInfo, device: torch.device, run_dir: Path, stop: _StopRequest) -> TrainResult:
-    start_time = time.perf_counter()
-    seed_everything(cfg.seed)  # same initial weights on every process (DDP would broadcast rank 0's anyway)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    use_amp = cfg.amp and device.type == "cuda"
-    if cfg.amp and not use_amp and info.is_main:
-        warnings.warn("--amp is only used on CUDA; training in float32 on the CPU")
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+class Trainer:
+    """One run inside a claimed run folder (see :func:`train`, which claims it and installs the stop handlers).
 
-    # ---- data and model ---------------------------------------------------------------------------
-    if "num_classes" in cfg.model_overrides or "class_names" in cfg.model_overrides:
-        raise ValueError("num_classes and class_names come from the training set's categories; do not override them")
-    base_cfg = make_config(cfg.preset, **cfg.model_overrides)  # the preset's sizes, before the classes are known
-    scales, max_size = default_train_scales(base_cfg.test_short_side, base_cfg.test_max_size)
-    scales = tuple(cfg.train_scales) if cfg.train_scales else scales
-    max_size = cfg.train_max_size or max_size
-    train_source = require_split(cfg.data_dir, cfg.train_split, cfg.train_json, cfg.train_images)
-    train_set = build_train_dataset(train_source, cfg.train_split, scales, max_size, cfg.flip, cfg.crop,
-                                    cfg.skip_bad, cfg.allow_outside_images)
-    model: FocusDETR = build_model(cfg.preset, num_classes=train_set.num_classes, class_names=train_set.class_names,
-                                   **cfg.model_overrides)
-    val_set = None
-    if cfg.val_split is not None or cfg.val_json is not None:
-        val_source = (find_split(cfg.data_dir, cfg.val_split or "val", cfg.val_json, cfg.val_images)
-                      if cfg.val_json is not None or cfg.data_dir is not None else None)
-        if val_source is not None:
-            val_set = build_eval_dataset(val_source, cfg.val_split or "val", model.cfg.test_short_side,
-                                         model.cfg.test_max_size, train_set.class_names,
-                                         allow_outside_images=cfg.allow_outside_images)
-        elif info.is_main:
-            warnings.warn(f"no {cfg.val_split} split in {cfg.data_dir or cfg.train_json}: training without evaluation")
+    Construction prepares the run: :meth:`set_up` (seeds, datasets, model, schedule), :meth:`restore`
+    (resume checkpoint or initial weights, optimiser, EMA, loss scaler, counters) and :meth:`describe`
+    (DDP wrapper, data loader, ``config.json`` / ``environment.json``). :meth:`run` is the loop: each
+    iteration is one :meth:`step`, then :meth:`log`, :meth:`evaluate` and :meth:`checkpoint` when they are
+    due; :meth:`finish` writes the final weights. Every method runs on every DDP rank (the collectives inside
+    them must be reached by all); only rank 0 writes files.
+    """
 
-    total_batch = cfg.batch_size * info.world_size
-    schedule = schedule_for(cfg.schedule, len(train_set), total_batch, cfg.max_iters, cfg.lr_steps, cfg.warmup_iters)
+    def __init__(self, cfg: TrainConfig, info: DistInfo, device: torch.device, run_dir: Path,
+                 stop: StopRequest) -> None:
+        self.cfg, self.info, self.device, self.run_dir, self.stop = cfg, info, device, run_dir, stop
+        self.start_time = time.perf_counter()
+        self.set_up()
+        state, resume_path = self.restore()
+        self.describe(state, resume_path)
 
-    # ---- resume (or fresh start) --------------------------------------------------------------------
-    resume_path = _resolve_resume(cfg, run_dir)
-    state = ckpt.load_checkpoint(resume_path) if resume_path is not None else None
-    if state is not None:
-        diffs = _config_differences(config_to_dict(model.cfg), state["model_config"])
-        if diffs:
-            raise ValueError(f"{resume_path} was trained with another model config:\n  " + "\n  ".join(diffs[:20]))
-        model.load_state_dict(state["model"])
-    else:
-        if cfg.backbone_weights:
-            from ..backbones.weights import load_backbone_weights
-            report = load_backbone_weights(model.backbone, cfg.backbone_weights)
-            if info.is_main:
-                print(f"backbone weights: {report}")
-        if cfg.init_weights:
-            loaded, left = load_matching_weights(model, read_any_state_dict(cfg.init_weights, cfg.preset))
-            if info.is_main:
-                print(f"initial weights from {cfg.init_weights}: {loaded} tensors loaded; kept fresh "
-                      f"({len(left)}): {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}")
-    model.to(device)
-    seed_everything(cfg.seed + info.rank)  # from here on each process draws its own denoising noise
-    criterion = SetCriterion(model.cfg.num_classes, HungarianMatcher(), num_decoder_layers=model.cfg.decoder.num_layers)
-    optimizer = build_optimizer(model, cfg.lr, cfg.backbone_lr, cfg.weight_decay)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    ema = None
-    if cfg.ema:
-        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update_fn(cfg.ema_decay), use_buffers=True)
-    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
+    # ---- set-up ---------------------------------------------------------------------------------------
 
-    start_iter, skipped_steps = 0, 0
-    # Best validation AP so far, its iteration, and evaluations since (for model_best.pth and --patience).
-    best: dict[str, Any] = {"ap": None, "iter": None, "evals_since": 0}
-    rng_to_restore = None
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:  # a resumed run may change the lr: recompute base_lr
+    def set_up(self) -> None:
+        """Seeds, AMP, the datasets, the model (on the CPU, freshly initialised) and the schedule."""
+        cfg, info = self.cfg, self.info
+        seed_everything(cfg.seed)  # same initial weights on every process (DDP would broadcast rank 0's anyway)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        self.use_amp = cfg.amp and self.device.type == "cuda"
+        if cfg.amp and not self.use_amp and info.is_main:
+            warnings.warn("--amp is only used on CUDA; training in float32 on the CPU")
+        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+
+        if "num_classes" in cfg.model_overrides or "class_names" in cfg.model_overrides:
+            raise ValueError("num_classes and class_names come from the training set's categories; do not override them")
+        preset_cfg = make_config(cfg.preset, **cfg.model_overrides)  # the sizes; the classes come from the data
+        scales, max_size = default_train_scales(preset_cfg.test_short_side, preset_cfg.test_max_size)
+        self.scales = tuple(cfg.train_scales) if cfg.train_scales else scales
+        self.max_size = cfg.train_max_size or max_size
+        train_source = require_split(cfg.data_dir, cfg.train_split, cfg.train_json, cfg.train_images)
+        self.train_set = build_train_dataset(train_source, cfg.train_split, self.scales, self.max_size, cfg.flip,
+                                             cfg.crop, cfg.skip_bad, cfg.allow_outside_images)
+        model_cfg = dataclasses.replace(preset_cfg, num_classes=self.train_set.num_classes,
+                                        class_names=self.train_set.class_names)
+        self.model: FocusDETR = build_model(model_cfg)
+        # The model config as stored in config.json and every checkpoint, and compared on resume.
+        self.model_config = config_to_dict(self.model.cfg)
+        self.train_config = cfg.to_dict()
+        self.val_set = None
+        if cfg.val_split is not None or cfg.val_json is not None:
+            val_source = (find_split(cfg.data_dir, cfg.val_split or "val", cfg.val_json, cfg.val_images)
+                          if cfg.val_json is not None or cfg.data_dir is not None else None)
+            if val_source is not None:
+                self.val_set = build_eval_dataset(val_source, cfg.val_split or "val", model_cfg.test_short_side,
+                                                  model_cfg.test_max_size, self.train_set.class_names,
+                                                  allow_outside_images=cfg.allow_outside_images)
+            elif info.is_main:
+                warnings.warn(f"no {cfg.val_split} split in {cfg.data_dir or cfg.train_json}: "
+                              "training without evaluation")
+        self.total_batch = cfg.batch_size * info.world_size
+        self.schedule = schedule_for(cfg.schedule, len(self.train_set), self.total_batch, cfg.max_iters,
+                                     cfg.lr_steps, cfg.warmup_iters)
+
+    # ---- restore (or fresh start) -----------------------------------------------------------------------
+
+    def restore(self) -> tuple[dict[str, Any] | None, Path | None]:
+        """Load the resume checkpoint (model, optimiser, EMA, loss scaler, counters, generator states) or, on
+        a fresh start, the backbone / initial weights; build the optimiser, EMA and scaler. Returns the
+        checkpoint's content (None on a fresh start) and its path."""
+        cfg, info, model = self.cfg, self.info, self.model
+        resume_path = _resolve_resume(cfg, self.run_dir)
+        state = ckpt.load_checkpoint(resume_path) if resume_path is not None else None
+        if state is not None:
+            diffs = _config_differences(self.model_config, state["model_config"])
+            if diffs:
+                raise ValueError(f"{resume_path} was trained with another model config:\n  " + "\n  ".join(diffs[:20]))
+            model.load_state_dict(state["model"])
+        else:
+            if cfg.backbone_weights:
+                from ..backbones.weights import load_backbone_weights
+                report = load_backbone_weights(model.backbone, cfg.backbone_weights)
+                if info.is_main:
+                    print(f"backbone weights: {report}")
+            if cfg.init_weights:
+                loaded, left = load_matching_weights(model, read_any_state_dict(cfg.init_weights, cfg.preset))
+                if info.is_main:
+                    print(f"initial weights from {cfg.init_weights}: {loaded} tensors loaded; kept fresh "
+                          f"({len(left)}): {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}")
+        model.to(self.device)
+        seed_everything(cfg.seed + info.rank)  # from here on each process draws its own denoising noise
+        self.criterion = SetCriterion(model.cfg.num_classes, HungarianMatcher(),
+                                      num_decoder_layers=model.cfg.decoder.num_layers)
+        self.optimizer = build_optimizer(model, cfg.lr, cfg.backbone_lr, cfg.weight_decay)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.ema = None
+        if cfg.ema:
+            self.ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update_fn(cfg.ema_decay),
+                                                           use_buffers=True)
+        self.scaler = (torch.amp.GradScaler("cuda") if self.use_amp and self.amp_dtype == torch.float16
+                       else None)
+
+        self.start_iter = self.skipped_steps = 0
+        # Best validation AP so far, its iteration, and evaluations since (for model_best.pth and --patience).
+        self.best: dict[str, Any] = {"ap": None, "iter": None, "evals_since": 0}
+        self.rng_to_restore = None
+        if state is not None:
+            self._restore_training_state(state)
+        if self.start_iter >= self.schedule.max_iters and info.is_main:
+            warnings.warn(f"the run is already at iteration {self.start_iter} of {self.schedule.max_iters}: "
+                          "nothing to train")
+        return state, resume_path
+
+    def _restore_training_state(self, state: dict[str, Any]) -> None:
+        cfg, info = self.cfg, self.info
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # a resumed run may change the lr: recompute base_lr
             group["base_lr"] = cfg.backbone_lr if group["name"].startswith("backbone") else cfg.lr
-        if ema is not None:
+        if self.ema is not None:
             if state.get("ema") is not None:
-                ema.load_state_dict(state["ema"])
+                self.ema.load_state_dict(state["ema"])
             elif info.is_main:
                 warnings.warn("the checkpoint has no EMA weights: the EMA starts from the current weights")
-        if scaler is not None and state.get("grad_scaler"):
-            scaler.load_state_dict(state["grad_scaler"])
-        start_iter = int(state["iteration"])
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
+        self.start_iter = int(state["iteration"])
         counters = state.get("counters", {})
-        skipped_steps = int(counters.get("skipped_steps", 0))
-        best.update(ap=counters.get("best_ap"), iter=counters.get("best_iter"),
-                    evals_since=int(counters.get("evals_since_best", 0)))
+        self.skipped_steps = int(counters.get("skipped_steps", 0))
+        self.best.update(ap=counters.get("best_ap"), iter=counters.get("best_iter"),
+                         evals_since=int(counters.get("evals_since_best", 0)))
         old = LRSchedule.from_state_dict(state["scheduler"])
-        if old != schedule and info.is_main:
-            warnings.warn(f"the schedule differs from the checkpoint's ({old} -> {schedule}); using the new one")
+        if old != self.schedule and info.is_main:
+            warnings.warn(f"the schedule differs from the checkpoint's ({old} -> {self.schedule}); using the new one")
         data_state = state.get("data", {})
         if (data_state.get("world_size"), data_state.get("batch_size"), data_state.get("seed")) != \
                 (info.world_size, cfg.batch_size, cfg.seed) and info.is_main:
@@ -441,277 +434,313 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device, run_dir: Path, 
                           "continue exactly")
         rngs = state.get("rng") or []
         if info.rank < len(rngs):
-            rng_to_restore = rngs[info.rank]
-    if start_iter >= schedule.max_iters and info.is_main:
-        warnings.warn(f"the run is already at iteration {start_iter} of {schedule.max_iters}: nothing to train")
+            self.rng_to_restore = rngs[info.rank]
 
-    model_without_ddp = model
-    if info.is_distributed:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    loader = build_train_loader(train_set, cfg.batch_size, cfg.num_workers, cfg.seed, info.rank, info.world_size,
-                                start_iter, model_without_ddp.cfg.pixel_mean, model_without_ddp.cfg.pixel_std,
-                                pin_memory=device.type == "cuda", group_by_aspect=cfg.group_by_aspect)
+    # ---- run description --------------------------------------------------------------------------------
 
-    # ---- run description ----------------------------------------------------------------------------
-    logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard)
-    if info.is_main:
+    def describe(self, state: dict[str, Any] | None, resume_path: Path | None) -> None:
+        """Wrap the model for DDP, build the data loader, write ``config.json`` (fresh runs) and
+        ``environment.json`` and the start / resume event."""
+        cfg, info, run_dir, schedule = self.cfg, self.info, self.run_dir, self.schedule
+        self.model_without_ddp = self.model
+        if info.is_distributed:
+            self.model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.loader = build_train_loader(
+            self.train_set, cfg.batch_size, cfg.num_workers, cfg.seed, info.rank, info.world_size, self.start_iter,
+            self.model_without_ddp.cfg.pixel_mean, self.model_without_ddp.cfg.pixel_std,
+            pin_memory=self.device.type == "cuda", group_by_aspect=cfg.group_by_aspect)
+        self.logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard)
+        if not info.is_main:
+            return
         description = {
-            "train": cfg.to_dict(),
+            "train": self.train_config,
             "resolved": {"max_iters": schedule.max_iters, "lr_milestones": list(schedule.milestones),
                          "warmup_iters": schedule.warmup_iters, "world_size": info.world_size,
-                         "total_batch_size": total_batch, "device": str(device), "amp": use_amp,
-                         "amp_dtype": str(amp_dtype).replace("torch.", "") if use_amp else None,
-                         "train_scales": list(scales), "train_max_size": max_size,
-                         "train_images": len(train_set), "val_images": len(val_set) if val_set else 0,
-                         "class_names": list(train_set.class_names)},
-            "model": config_to_dict(model_without_ddp.cfg),
+                         "total_batch_size": self.total_batch, "device": str(self.device), "amp": self.use_amp,
+                         "amp_dtype": str(self.amp_dtype).replace("torch.", "") if self.use_amp else None,
+                         "train_scales": list(self.scales), "train_max_size": self.max_size,
+                         "train_images": len(self.train_set), "val_images": len(self.val_set) if self.val_set else 0,
+                         "class_names": list(self.train_set.class_names)},
+            "model": self.model_config,
         }
         if state is None or not (run_dir / "config.json").exists():
             write_json(run_dir / "config.json", description)
         write_json(run_dir / "environment.json", {**environment_info(), "resumed_from": str(resume_path)
-                                                  if resume_path else None, "start_iteration": start_iter})
-        logger.event(start_iter, "resume" if state is not None else "start",
-                     checkpoint=str(resume_path) if resume_path else None, max_iters=schedule.max_iters)
-        print(f"training {cfg.preset} ({train_set.num_classes} classes, {len(train_set)} images) for "
-              f"{schedule.max_iters} iterations x {total_batch} images on {info.world_size} x {device}"
-              + (f", resuming at iteration {start_iter} from {resume_path}" if state is not None else ""))
-    del state
+                                                  if resume_path else None, "start_iteration": self.start_iter})
+        self.logger.event(self.start_iter, "resume" if state is not None else "start",
+                          checkpoint=str(resume_path) if resume_path else None, max_iters=schedule.max_iters)
+        print(f"training {cfg.preset} ({self.train_set.num_classes} classes, {len(self.train_set)} images) for "
+              f"{schedule.max_iters} iterations x {self.total_batch} images on {info.world_size} x {self.device}"
+              + (f", resuming at iteration {self.start_iter} from {resume_path}" if state is not None else ""))
 
-    # ---- the loop -------------------------------------------------------------------------------------
-    if rng_to_restore is not None:
-        ckpt.restore_rng_state(rng_to_restore)  # last thing before the loop: nothing may draw in between
-    model.train()
-    end_iter = min(schedule.max_iters, cfg.stop_at) if cfg.stop_at is not None else schedule.max_iters
-    stop_reason = "stop_at" if end_iter < schedule.max_iters else "done"
-    loss_keys: list[str] | None = None
-    window_sum: torch.Tensor | None = None
-    window_steps, window_iters, window_start = 0, 0, time.perf_counter()
-    consecutive_bad = 0
-    last_checkpoint = ckpt.find_latest_checkpoint(run_dir) if info.is_main and start_iter > 0 else None
-    stop.last_checkpoint = last_checkpoint
-    eval_metrics: dict[str, Any] | None = None
-    best_weights = run_dir / "model_best.pth" if best["ap"] is not None and (run_dir / "model_best.pth").exists() else None
-    # A progress bar only where someone watches it; a redirected log gets summary lines instead.
-    show_bar = info.is_main and cfg.progress and sys.stderr.isatty()
-    bar = tqdm(total=schedule.max_iters, initial=start_iter, disable=not show_bar, dynamic_ncols=True, desc="train")
-    batches = iter(loader)  # DataLoader workers start here and ignore the job's signals (engine/workers.py)
-    iteration = start_iter
-    try:
-        while iteration < end_iter:
-            images, targets = next(batches)
-            images = images.to(device)
-            targets = _targets_to(targets, device)
-            set_lr(optimizer, schedule.factor(iteration))
+    # ---- the loop ---------------------------------------------------------------------------------------
 
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                outputs = model(images, targets)
-                losses = criterion(outputs, targets)
-                loss = criterion.total(losses)
-            optimizer.zero_grad(set_to_none=True)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            max_norm = cfg.clip_max_norm if cfg.clip_max_norm > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    def run(self) -> TrainResult:
+        """Train from the restored iteration to ``max_iters`` (or ``stop_at``, a signal, patience)."""
+        cfg, info = self.cfg, self.info
+        if self.rng_to_restore is not None:
+            ckpt.restore_rng_state(self.rng_to_restore)  # last thing before the loop: nothing may draw in between
+        self.model.train()
+        max_iters = self.schedule.max_iters
+        self.end_iter = min(max_iters, cfg.stop_at) if cfg.stop_at is not None else max_iters
+        self.stop_reason = "stop_at" if self.end_iter < max_iters else "done"
+        self.loss_keys: list[str] | None = None
+        self.window_sum: torch.Tensor | None = None
+        self.window_steps, self.window_iters, self.window_start = 0, 0, time.perf_counter()
+        self.consecutive_bad = 0
+        self.last_checkpoint = ckpt.find_latest_checkpoint(self.run_dir) if info.is_main and self.start_iter > 0 else None
+        self.stop.last_checkpoint = self.last_checkpoint
+        self.eval_metrics: dict[str, Any] | None = None
+        best_file = self.run_dir / "model_best.pth"
+        self.best_weights = best_file if self.best["ap"] is not None and best_file.exists() else None
+        # A progress bar only where someone watches it; a redirected log gets summary lines instead.
+        self.show_bar = info.is_main and cfg.progress and sys.stderr.isatty()
+        self.bar = tqdm(total=max_iters, initial=self.start_iter, disable=not self.show_bar, dynamic_ncols=True,
+                        desc="train")
+        batches = iter(self.loader)  # DataLoader workers start here and ignore the job's signals (engine/workers.py)
+        self.iteration = self.start_iter
+        try:
+            while self.iteration < self.end_iter:
+                images, targets = next(batches)
+                stop_now = self.step(images, targets)
+                self.iteration += 1
+                self.window_iters += 1
+                self.bar.update(1)
+                if stop_now and self.iteration < self.end_iter:
+                    self.end_iter, self.stop_reason = self.iteration, "signal"  # log, checkpoint and leave below
+                    self._announce_stop()
+                if self.iteration % cfg.log_every == 0 or self.iteration == self.end_iter:
+                    self.log()
+                # (Not when a signal stops the run here: the checkpoint comes first, the scheduler's grace time
+                # is short.)
+                if self.val_set is not None and self.stop_reason != "signal" and \
+                        ((cfg.eval_every > 0 and self.iteration % cfg.eval_every == 0) or self.iteration == max_iters):
+                    self.evaluate()
+                # Periodic checkpoints are not written during a run of non-finite steps, so the newest one stays
+                # a healthy state (and pruning never removes the last healthy ones).
+                if (self.iteration % cfg.checkpoint_every == 0 and self.consecutive_bad == 0) or \
+                        self.iteration == self.end_iter:
+                    self.checkpoint()
+        finally:
+            self.bar.close()
+            del batches  # shuts DataLoader workers down
+        return self.finish()
 
-            # A non-finite loss or gradient (on any process: grads are already averaged, the loss is not)
-            # skips the step instead of poisoning the weights. fp16 overflows are the GradScaler's business.
-            # The same collective makes every process agree on a stop signal that reached any of them.
-            loss_value = float(loss.detach())
-            bad_grad = not math.isfinite(float(grad_norm)) and scaler is None
-            bad, stop_now = any_true_each([not math.isfinite(loss_value) or bad_grad, bool(stop)], device)
-            if bad:
-                skipped_steps += 1
-                consecutive_bad += 1
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.update()
-                if info.is_main:
-                    finite_terms = {k: float(v.detach()) for k, v in losses.items()
-                                    if not math.isfinite(float(v.detach()))}
-                    msg = (f"step {iteration + 1}: non-finite loss or gradient (loss {loss_value}, grad norm "
-                           f"{float(grad_norm)}; non-finite terms: {sorted(finite_terms) or 'none'}): step skipped "
-                           f"({consecutive_bad} in a row, {skipped_steps} in total)")
-                    warnings.warn(msg)
-                    logger.event(iteration + 1, "skipped_step", loss=loss_value, grad_norm=float(grad_norm),
-                                 nonfinite_terms=sorted(finite_terms), skipped_steps=skipped_steps)
-                if consecutive_bad >= cfg.max_bad_steps:
-                    where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else \
-                        "no checkpoint was written yet"
-                    text = (f"stopping: {consecutive_bad} consecutive steps had a non-finite loss or gradient "
-                            f"(steps {iteration + 2 - consecutive_bad}..{iteration + 1}); {where}. Lower --lr, check the data, or raise "
-                            "--max-bad-steps; resume with --resume auto.")
-                    logger.event(iteration + 1, "stopped", reason="non-finite", skipped_steps=skipped_steps)
-                    if info.is_main:  # the skipped steps left the weights as they were: still finite
-                        api.save(model_without_ddp, run_dir / "model_last.pth",
-                                 extra={"iteration": iteration, "ema": False, "stop_reason": "non-finite"})
-                    raise TrainingDivergedError(text)
-            else:
-                consecutive_bad = 0
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                if ema is not None:
-                    ema.update_parameters(model_without_ddp)
-                if loss_keys is None:
-                    loss_keys = sorted(losses)
-                values = torch.stack([loss.detach().float()] + [losses[k].detach().float() for k in loss_keys]
-                                     + [grad_norm.detach().float().to(loss.device)])
-                window_sum = values if window_sum is None else window_sum + values
-                window_steps += 1
-            iteration += 1
-            window_iters += 1
-            bar.update(1)
-            if stop_now and iteration < end_iter:
-                end_iter, stop_reason = iteration, "signal"  # log, checkpoint and leave the loop below
-                _announce_stop(stop, iteration, info, logger)
+    def step(self, images: torch.Tensor, targets: list[dict[str, Any]]) -> bool:
+        """One optimiser step on one batch (skipped when the loss or gradient is not finite on any process).
+        Returns whether a stop signal reached any process (all processes agree on it)."""
+        cfg, optimizer, scaler = self.cfg, self.optimizer, self.scaler
+        images = images.to(self.device)
+        targets = _targets_to(targets, self.device)
+        set_lr(optimizer, self.schedule.factor(self.iteration))
 
-            # ---- logging ----------------------------------------------------------------------------
-            if iteration % cfg.log_every == 0 or iteration == end_iter:
-                elapsed = time.perf_counter() - window_start
-                row: dict[str, float] = {}
-                if window_sum is not None and window_steps:
-                    mean = (window_sum / window_steps).tolist()
-                    names = ["loss"] + (loss_keys or []) + ["grad_norm"]
-                    row = dict(zip(names, mean))
-                row = mean_over_processes(row, device) if loss_keys is not None else row
-                images_per_s = window_iters * total_batch / max(elapsed, 1e-9)
-                if info.is_main:
-                    rates = _group_lrs(optimizer)
-                    logger.write({"type": "train", "iter": iteration, **row, **rates, "images_per_s": images_per_s,
-                                  "skipped_steps": skipped_steps})
-                    if show_bar:
-                        bar.set_postfix(loss=f"{row.get('loss', float('nan')):.3f}", img_s=f"{images_per_s:.1f}",
-                                        skipped=skipped_steps)
-                    else:
-                        eta = (schedule.max_iters - iteration) * elapsed / max(window_iters, 1)
-                        print(f"iter {iteration}/{schedule.max_iters}  loss {row.get('loss', float('nan')):.4f}  "
-                              + "  ".join(f"{k} {v:.3g}" for k, v in rates.items())
-                              + f"  {images_per_s:.1f} img/s  eta {_duration(eta)}"
-                              + (f"  skipped {skipped_steps}" if skipped_steps else ""), flush=True)
-                window_sum, window_steps, window_iters, window_start = None, 0, 0, time.perf_counter()
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            outputs = self.model(images, targets)
+            losses = self.criterion(outputs, targets)
+            loss = self.criterion.total(losses)
+        optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        max_norm = cfg.clip_max_norm if cfg.clip_max_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
 
-            # ---- evaluation -------------------------------------------------------------------------
-            final = iteration == schedule.max_iters
-            # (Not when a signal stops the run here: the checkpoint comes first, the scheduler's grace time is short.)
-            if val_set is not None and stop_reason != "signal" and \
-                    ((cfg.eval_every > 0 and iteration % cfg.eval_every == 0) or final):
-                eval_model = ema.module if ema is not None else model_without_ddp
-                metrics = evaluate(eval_model, val_set, device, run_dir / "eval" / f"iter_{iteration:07d}", info,
-                                   cfg.eval_batch_size, 0, cfg.max_eval_images,
-                                   extra={"iter": iteration, "split": cfg.val_split, "ema": ema is not None})
-                out_of_patience = False
-                if info.is_main and metrics is not None:
-                    eval_metrics = metrics
-                    logger.write({"type": "eval", "iter": iteration, "split": cfg.val_split,
-                                  **{k: v for k, v in metrics.items() if k not in ("summary", "per_class")}})
-                    bar.write(f"[iter {iteration}] {cfg.val_split}: {format_metrics(metrics)}")
-                    ap = metrics.get("AP")
-                    if isinstance(ap, (int, float)) and (best["ap"] is None or ap > best["ap"]):
-                        best.update(ap=float(ap), iter=iteration, evals_since=0)
-                        best_weights = api.save(eval_model, run_dir / "model_best.pth", extra={
-                            "iteration": iteration, "ema": ema is not None, "AP": float(ap), "split": cfg.val_split})
-                    else:
-                        best["evals_since"] += 1
-                    out_of_patience = cfg.patience > 0 and best["evals_since"] >= cfg.patience
-                model.train()
-                # A signal that came during the evaluation stops here, before another step; so does patience.
-                stop_now, out_of_patience = any_true_each([bool(stop), out_of_patience], device)
-                if iteration < end_iter and (stop_now or out_of_patience):
-                    end_iter, stop_reason = iteration, "signal" if stop_now else "patience"
-                    if stop_now:
-                        _announce_stop(stop, iteration, info, logger)
-                    elif info.is_main:
-                        print(f"early stop: {cfg.val_split} AP has not improved for {best['evals_since']} "
-                              f"evaluation(s) (--patience {cfg.patience}); best AP {best['ap']:.4f} at iteration "
-                              f"{best['iter']}")
-                        logger.event(iteration, "early_stop", best_ap=best["ap"], best_iter=best["iter"])
-
-            # ---- checkpoint -------------------------------------------------------------------------
-            # Periodic checkpoints are not written during a run of non-finite steps, so the newest one stays
-            # a healthy state (and pruning never removes the last healthy ones).
-            if (iteration % cfg.checkpoint_every == 0 and consecutive_bad == 0) or iteration == end_iter:
-                # Every process's generator states (DDP ranks draw different denoising noise).
-                rngs = all_gather_objects(ckpt.capture_rng_state())
-                failure = None
-                if info.is_main:
-                    target = ckpt.checkpoint_path(run_dir, iteration)
-                    try:
-                        last_checkpoint = ckpt.save_checkpoint(target, {
-                            "iteration": iteration,
-                            "model_config": config_to_dict(model_without_ddp.cfg),
-                            "train_config": cfg.to_dict(),
-                            "model": {k: v.detach().cpu() for k, v in model_without_ddp.state_dict().items()},
-                            "optimizer": _to_cpu(optimizer.state_dict()),
-                            "scheduler": schedule.state_dict(),
-                            "ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()} if ema is not None else None,
-                            "grad_scaler": scaler.state_dict() if scaler is not None else None,
-                            "rng": rngs,
-                            "data": {"samples_per_process": iteration * cfg.batch_size, "batch_size": cfg.batch_size,
-                                     "world_size": info.world_size, "seed": cfg.seed},
-                            "counters": {"skipped_steps": skipped_steps, "best_ap": best["ap"],
-                                         "best_iter": best["iter"], "evals_since_best": best["evals_since"]},
-                        })
-                        stop.last_checkpoint = last_checkpoint
-                        ckpt.prune_checkpoints(run_dir, cfg.keep_checkpoints)
-                    except (OSError, RuntimeError) as e:
-                        if find_os_error(e) is None and not isinstance(e, OSError) and "write" not in str(e).lower():
-                            raise
-                        failure = storage_error_text(e, target, last_checkpoint)
-                        logger.event(iteration, "stopped", reason="checkpoint write failed", error=failure)
-                failure = broadcast_object(failure)  # also the barrier: no rank runs ahead of the save
-                if failure is not None:
-                    raise RunStorageError(failure)
-    finally:
-        bar.close()
-        del batches  # shuts DataLoader workers down
-
-    # ---- the end ------------------------------------------------------------------------------------
-    stopped_early = iteration < schedule.max_iters
-    completed = not stopped_early or stop_reason == "patience"
-    final_weights = final_ema = last_weights = None
-    if info.is_main:
-        last_weights = api.save(model_without_ddp, run_dir / "model_last.pth",
-                                extra={"iteration": iteration, "ema": False, "stop_reason": stop_reason})
-        if completed:
-            final_weights = api.save(model_without_ddp, run_dir / "model_final.pth",
-                                     extra={"iteration": iteration, "ema": False})
-            if ema is not None:
-                final_ema = api.save(ema.module, run_dir / "model_final_ema.pth",
-                                     extra={"iteration": iteration, "ema": True})
-        logger.event(iteration, "stopped" if stopped_early else "done", reason=stop_reason,
-                     skipped_steps=skipped_steps, seconds=time.perf_counter() - start_time)
-        logger.close()
-        seconds = time.perf_counter() - start_time
-        if stop_reason == "signal":
-            # The one line on stderr a scheduler's log or a terminal shows after the job's signal.
-            print(f"stopped by {_signal_name(stop.signal)} at iteration {iteration} of {schedule.max_iters}: "
-                  f"checkpoint {last_checkpoint}, weights {last_weights}; continue with --resume auto",
-                  file=sys.stderr, flush=True)
-        elif stopped_early and stop_reason != "patience":
-            print(f"stopped at iteration {iteration} of {schedule.max_iters}; checkpoint {last_checkpoint}, weights "
-                  f"{last_weights} (continue with --resume auto)")
+        # A non-finite loss or gradient (on any process: grads are already averaged, the loss is not) skips the
+        # step instead of poisoning the weights. fp16 overflows are the GradScaler's business. The same
+        # collective makes every process agree on a stop signal that reached any of them.
+        loss_value = float(loss.detach())
+        bad_grad = not math.isfinite(float(grad_norm)) and scaler is None
+        bad, stop_now = any_true_each([not math.isfinite(loss_value) or bad_grad, bool(self.stop)], self.device)
+        if bad:
+            self._skip_step(losses, loss_value, float(grad_norm))
+            return stop_now
+        self.consecutive_bad = 0
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
         else:
-            print(f"done: {iteration} iterations in {seconds:.0f} s, {skipped_steps} skipped step(s); weights "
-                  f"{final_weights}" + (f", best {cfg.val_split} AP {best['ap']:.4f} at iteration {best['iter']} in "
-                                         f"{best_weights}" if best_weights is not None else ""))
-        if eval_metrics and stop_reason != "signal":
-            print(f"{cfg.val_split}: {format_metrics(eval_metrics)}")
-    barrier()
-    return TrainResult(run_dir, iteration, schedule.max_iters, final_weights, final_ema, last_checkpoint,
-                       eval_metrics, skipped_steps, time.perf_counter() - start_time, stopped_early,
-                       model_without_ddp.eval(), ema.module.eval() if ema is not None else None,
-                       stop_reason=stop_reason, stop_signal=stop.signal if stop_reason == "signal" else None,
-                       last_weights=last_weights, best_weights=best_weights, best_ap=best["ap"])
+            optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model_without_ddp)
+        if self.loss_keys is None:
+            self.loss_keys = sorted(losses)
+        values = torch.stack([loss.detach().float()] + [losses[k].detach().float() for k in self.loss_keys]
+                             + [grad_norm.detach().float().to(loss.device)])
+        self.window_sum = values if self.window_sum is None else self.window_sum + values
+        self.window_steps += 1
+        return stop_now
 
+    def _skip_step(self, losses: dict[str, torch.Tensor], loss_value: float, grad_norm: float) -> None:
+        """Count a non-finite step (the weights stay as they were); too many in a row stop the run."""
+        iteration = self.iteration
+        self.skipped_steps += 1
+        self.consecutive_bad += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.update()
+        if self.info.is_main:
+            nonfinite_terms = sorted(k for k, v in losses.items() if not math.isfinite(float(v.detach())))
+            warnings.warn(f"step {iteration + 1}: non-finite loss or gradient (loss {loss_value}, grad norm "
+                          f"{grad_norm}; non-finite terms: {nonfinite_terms or 'none'}): step skipped "
+                          f"({self.consecutive_bad} in a row, {self.skipped_steps} in total)")
+            self.logger.event(iteration + 1, "skipped_step", loss=loss_value, grad_norm=grad_norm,
+                              nonfinite_terms=nonfinite_terms, skipped_steps=self.skipped_steps)
+        if self.consecutive_bad >= self.cfg.max_bad_steps:
+            where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                     else "no checkpoint was written yet")
+            text = (f"stopping: {self.consecutive_bad} consecutive steps had a non-finite loss or gradient "
+                    f"(steps {iteration + 2 - self.consecutive_bad}..{iteration + 1}); {where}. Lower --lr, check "
+                    "the data, or raise --max-bad-steps; resume with --resume auto.")
+            self.logger.event(iteration + 1, "stopped", reason="non-finite", skipped_steps=self.skipped_steps)
+            if self.info.is_main:  # the skipped steps left the weights as they were: still finite
+                api.save(self.model_without_ddp, self.run_dir / "model_last.pth",
+                         extra={"iteration": iteration, "ema": False, "stop_reason": "non-finite"})
+            raise TrainingDivergedError(text)
 
-def _announce_stop(stop: _StopRequest, iteration: int, info: DistInfo, logger: MetricsLogger) -> None:
-    if info.is_main:
-        print(f"{_signal_name(stop.signal)} received: writing the checkpoint of iteration {iteration}, then stopping "
-              "(a second signal exits at once)", flush=True)
-        logger.event(iteration, "signal", signal=_signal_name(stop.signal))
+    # ---- logging ----------------------------------------------------------------------------------------
+
+    def log(self) -> None:
+        """A ``metrics.jsonl`` row with the means over the window since the last one (and over processes),
+        and a progress line (or the progress bar's figures)."""
+        iteration, max_iters = self.iteration, self.schedule.max_iters
+        elapsed = time.perf_counter() - self.window_start
+        row: dict[str, float] = {}
+        if self.window_sum is not None and self.window_steps:
+            mean = (self.window_sum / self.window_steps).tolist()
+            names = ["loss"] + (self.loss_keys or []) + ["grad_norm"]
+            row = dict(zip(names, mean))
+        row = mean_over_processes(row, self.device) if self.loss_keys is not None else row
+        images_per_s = self.window_iters * self.total_batch / max(elapsed, 1e-9)
+        if self.info.is_main:
+            rates = _group_lrs(self.optimizer)
+            self.logger.write({"type": "train", "iter": iteration, **row, **rates, "images_per_s": images_per_s,
+                               "skipped_steps": self.skipped_steps})
+            if self.show_bar:
+                self.bar.set_postfix(loss=f"{row.get('loss', float('nan')):.3f}", img_s=f"{images_per_s:.1f}",
+                                     skipped=self.skipped_steps)
+            else:
+                eta = (max_iters - iteration) * elapsed / max(self.window_iters, 1)
+                print(f"iter {iteration}/{max_iters}  loss {row.get('loss', float('nan')):.4f}  "
+                      + "  ".join(f"{k} {v:.3g}" for k, v in rates.items())
+                      + f"  {images_per_s:.1f} img/s  eta {_duration(eta)}"
+                      + (f"  skipped {self.skipped_steps}" if self.skipped_steps else ""), flush=True)
+        self.window_sum, self.window_steps, self.window_iters, self.window_start = None, 0, 0, time.perf_counter()
+
+    # ---- evaluation -------------------------------------------------------------------------------------
+
+    def evaluate(self) -> None:
+        """COCO evaluation of the model (its EMA with --ema) on the validation set; ``model_best.pth`` when the
+        AP improved; stops the run after it when a signal came in the meantime or patience ran out."""
+        cfg, info, iteration, best = self.cfg, self.info, self.iteration, self.best
+        eval_model = self.ema.module if self.ema is not None else self.model_without_ddp
+        metrics = evaluate(eval_model, self.val_set, self.device, self.run_dir / "eval" / f"iter_{iteration:07d}",
+                           info, cfg.eval_batch_size, 0, cfg.max_eval_images,
+                           extra={"iter": iteration, "split": cfg.val_split, "ema": self.ema is not None})
+        out_of_patience = False
+        if info.is_main and metrics is not None:
+            self.eval_metrics = metrics
+            self.logger.write({"type": "eval", "iter": iteration, "split": cfg.val_split,
+                               **{k: v for k, v in metrics.items() if k not in ("summary", "per_class")}})
+            self.bar.write(f"[iter {iteration}] {cfg.val_split}: {format_metrics(metrics)}")
+            ap = metrics.get("AP")
+            if isinstance(ap, (int, float)) and (best["ap"] is None or ap > best["ap"]):
+                best.update(ap=float(ap), iter=iteration, evals_since=0)
+                self.best_weights = api.save(eval_model, self.run_dir / "model_best.pth", extra={
+                    "iteration": iteration, "ema": self.ema is not None, "AP": float(ap), "split": cfg.val_split})
+            else:
+                best["evals_since"] += 1
+            out_of_patience = cfg.patience > 0 and best["evals_since"] >= cfg.patience
+        self.model.train()
+        # A signal that came during the evaluation stops here, before another step; so does patience.
+        stop_now, out_of_patience = any_true_each([bool(self.stop), out_of_patience], self.device)
+        if iteration < self.end_iter and (stop_now or out_of_patience):
+            self.end_iter, self.stop_reason = iteration, "signal" if stop_now else "patience"
+            if stop_now:
+                self._announce_stop()
+            elif info.is_main:
+                print(f"early stop: {cfg.val_split} AP has not improved for {best['evals_since']} evaluation(s) "
+                      f"(--patience {cfg.patience}); best AP {best['ap']:.4f} at iteration {best['iter']}")
+                self.logger.event(iteration, "early_stop", best_ap=best["ap"], best_iter=best["iter"])
+
+    # ---- checkpoint -------------------------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Write the training checkpoint of this iteration (rank 0; every rank's generator states) and prune old
+        ones; a failed write stops every rank with :class:`RunStorageError` naming the last good checkpoint."""
+        cfg, info, iteration = self.cfg, self.info, self.iteration
+        # Every process's generator states (DDP ranks draw different denoising noise).
+        rngs = all_gather_objects(ckpt.capture_rng_state())
+        failure = None
+        if info.is_main:
+            target = ckpt.checkpoint_path(self.run_dir, iteration)
+            try:
+                self.last_checkpoint = ckpt.save_checkpoint(target, ckpt.training_checkpoint(
+                    iteration=iteration, model_config=self.model_config, train_config=self.train_config,
+                    model=self.model_without_ddp, optimizer=self.optimizer, scheduler=self.schedule.state_dict(),
+                    ema=self.ema, grad_scaler=self.scaler, rng=rngs, batch_size=cfg.batch_size,
+                    world_size=info.world_size, seed=cfg.seed, skipped_steps=self.skipped_steps,
+                    best_ap=self.best["ap"], best_iter=self.best["iter"], evals_since_best=self.best["evals_since"]))
+                self.stop.last_checkpoint = self.last_checkpoint
+                ckpt.prune_checkpoints(self.run_dir, cfg.keep_checkpoints)
+            except (OSError, RuntimeError) as e:
+                if find_os_error(e) is None and not isinstance(e, OSError) and "write" not in str(e).lower():
+                    raise
+                failure = storage_error_text(e, target, self.last_checkpoint)
+                self.logger.event(iteration, "stopped", reason="checkpoint write failed", error=failure)
+        failure = broadcast_object(failure)  # also the barrier: no rank runs ahead of the save
+        if failure is not None:
+            raise RunStorageError(failure)
+
+    # ---- the end ----------------------------------------------------------------------------------------
+
+    def finish(self) -> TrainResult:
+        """``model_last.pth`` always; ``model_final.pth`` (and the EMA's) when the run completed; the summary."""
+        cfg, info, iteration, best = self.cfg, self.info, self.iteration, self.best
+        max_iters, stop_reason, run_dir = self.schedule.max_iters, self.stop_reason, self.run_dir
+        stopped_early = iteration < max_iters
+        completed = not stopped_early or stop_reason == "patience"
+        final_weights = final_ema = last_weights = None
+        if info.is_main:
+            last_weights = api.save(self.model_without_ddp, run_dir / "model_last.pth",
+                                    extra={"iteration": iteration, "ema": False, "stop_reason": stop_reason})
+            if completed:
+                final_weights = api.save(self.model_without_ddp, run_dir / "model_final.pth",
+                                         extra={"iteration": iteration, "ema": False})
+                if self.ema is not None:
+                    final_ema = api.save(self.ema.module, run_dir / "model_final_ema.pth",
+                                         extra={"iteration": iteration, "ema": True})
+            self.logger.event(iteration, "stopped" if stopped_early else "done", reason=stop_reason,
+                              skipped_steps=self.skipped_steps, seconds=time.perf_counter() - self.start_time)
+            self.logger.close()
+            seconds = time.perf_counter() - self.start_time
+            if stop_reason == "signal":
+                # The one line on stderr a scheduler's log or a terminal shows after the job's signal.
+                print(f"stopped by {signal_name(self.stop.signal)} at iteration {iteration} of {max_iters}: "
+                      f"checkpoint {self.last_checkpoint}, weights {last_weights}; continue with --resume auto",
+                      file=sys.stderr, flush=True)
+            elif stopped_early and stop_reason != "patience":
+                print(f"stopped at iteration {iteration} of {max_iters}; checkpoint {self.last_checkpoint}, weights "
+                      f"{last_weights} (continue with --resume auto)")
+            else:
+                print(f"done: {iteration} iterations in {seconds:.0f} s, {self.skipped_steps} skipped step(s); weights "
+                      f"{final_weights}" + (f", best {cfg.val_split} AP {best['ap']:.4f} at iteration {best['iter']} "
+                                             f"in {self.best_weights}" if self.best_weights is not None else ""))
+            if self.eval_metrics and stop_reason != "signal":
+                print(f"{cfg.val_split}: {format_metrics(self.eval_metrics)}")
+        barrier()
+        return TrainResult(run_dir, iteration, max_iters, final_weights, final_ema, self.last_checkpoint,
+                           self.eval_metrics, self.skipped_steps, time.perf_counter() - self.start_time,
+                           stopped_early, self.model_without_ddp.eval(),
+                           self.ema.module.eval() if self.ema is not None else None, stop_reason=stop_reason,
+                           stop_signal=self.stop.signal if stop_reason == "signal" else None,
+                           last_weights=last_weights, best_weights=self.best_weights, best_ap=best["ap"])
+
+    def _announce_stop(self) -> None:
+        if self.info.is_main:
+            print(f"{signal_name(self.stop.signal)} received: writing the checkpoint of iteration {self.iteration}, "
+                  "then stopping (a second signal exits at once)", flush=True)
+            self.logger.event(self.iteration, "signal", signal=signal_name(self.stop.signal))
 
 
 def _group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
@@ -774,33 +803,3 @@ def load_matching_weights(model: torch.nn.Module, state_dict: dict[str, torch.Te
     matching = {k: v for k, v in state_dict.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
     model.load_state_dict(matching, strict=False)
     return len(matching), sorted(k for k in own if k not in matching)
-
-
-def _install_stop_handlers(on_signal: Any) -> dict[int, Any]:
-    """Route SIGTERM / SIGUSR1 / SIGINT to ``on_signal`` instead of dying (main thread only; returns the old
-    handlers, for :func:`_restore_handlers`)."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    previous = {}
-    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
-        sig = getattr(signal, name, None)
-        if sig is not None:
-            previous[sig] = signal.signal(sig, on_signal)
-    return previous
-
-
-def _restore_handlers(previous: dict[int, Any]) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
-
-
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_to_cpu(v) for v in obj)
-    return obj
