@@ -19,7 +19,7 @@ from PIL import Image
 import focus_detr
 from focus_detr.data import CocoDetection
 from focus_detr.data.errors import DataError
-from focus_detr.ops.image_io import load_image
+from focus_detr.data.image_io import load_image
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

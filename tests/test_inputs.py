@@ -18,9 +18,9 @@ from PIL import Image
 
 import focus_detr
 from focus_detr.inference import discover_inputs
-from focus_detr.ops.errors import DataError
-from focus_detr.ops.image_io import to_rgb_array
-from focus_detr.ops.url_io import DownloadError, download_url, is_url
+from focus_detr.data.errors import DataError
+from focus_detr.data.image_io import to_rgb_array
+from focus_detr.data.url_io import DownloadError, download_url, is_url
 from focus_detr.video import VideoWriter, is_stream, open_video
 from test_cli_predict import make_picture, run_cli, save_tiny_weights
 

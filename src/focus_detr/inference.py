@@ -142,7 +142,7 @@ def discover_inputs(inputs: Iterable[str | os.PathLike[str]], recursive: bool = 
     :data:`focus_detr.video.VIDEO_EXTENSIONS`), and keeps http(s) URLs and camera / stream sources
     (``rtsp://...``, ``camera:0``) as they are. URLs are recognised before any ``Path`` conversion (which
     would collapse their ``//``). Returns ``(items, problems)`` in first-occurrence order."""
-    from .ops.url_io import is_url
+    from .data.url_io import is_url
     from .video import VIDEO_EXTENSIONS, is_stream
 
     video_exts = {e.lower() if e.startswith(".") else "." + e.lower()
@@ -224,11 +224,11 @@ def predict_images(model: FocusDETR, paths: Sequence[str | os.PathLike[str]], ba
                    progress: bool = False) -> Iterator[ImageResult]:
     """Yield one :class:`ImageResult` per path, in order; unreadable files give a result with ``error``.
 
-    Images are decoded with :func:`focus_detr.ops.image_io.load_image` (any pixel format, EXIF orientation) and
+    Images are decoded with :func:`focus_detr.data.image_io.load_image` (any pixel format, EXIF orientation) and
     run through :meth:`FocusDETR.predict` ``batch_size`` at a time; boxes are in original-image pixels.
     """
-    from .ops.errors import DataError
-    from .ops.image_io import load_image
+    from .data.errors import DataError
+    from .data.image_io import load_image
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -353,7 +353,7 @@ def predict_to_folder(model: FocusDETR, inputs: Iterable[str | os.PathLike[str]]
       ``score_threshold``) are not drawn.
 
     Inputs may also be http(s) URLs (downloaded into ``out_dir/downloads/``, at most ``max_download_bytes``
-    each, default :data:`focus_detr.ops.url_io.MAX_DOWNLOAD_BYTES`), video files (also inside folders) and
+    each, default :data:`focus_detr.data.url_io.MAX_DOWNLOAD_BYTES`), video files (also inside folders) and
     camera / stream sources (needs the ``video`` extra, see :mod:`focus_detr.video`). Every ``frame_step``-th
     frame of a video, at most ``max_frames`` per video, is predicted; each becomes an ``images.json`` entry
     with ``video`` and ``frame_index`` (ids after the still images'), its results carry ``frame_index`` too,
@@ -454,7 +454,7 @@ def predict_to_folder(model: FocusDETR, inputs: Iterable[str | os.PathLike[str]]
 def _fetch_inputs(items: Sequence[InputItem], download_dir: Path, failures: list[InputProblem],
                   max_bytes: int | None) -> tuple[list[Path], list[tuple[str, Path | str]], dict[Path, str]]:
     """Download URL inputs; returns ``(image paths, videos as (label, source), {downloaded path: URL})``."""
-    from .ops.url_io import MAX_DOWNLOAD_BYTES, DownloadError, download_url
+    from .data.url_io import MAX_DOWNLOAD_BYTES, DownloadError, download_url
     from .video import is_video_file
 
     images: list[Path] = []
@@ -537,7 +537,7 @@ def _predict_videos(model: FocusDETR, videos: Sequence[tuple[str, Path | str]], 
                     draw_threshold: float | None, frame_step: int, max_frames: int | None,
                     progress: bool, stop: Sequence[int] = ()) -> list[VideoSummary]:
     """predict_to_folder's video part: appends to ``images`` / ``records`` / ``failures`` / ``pictures``."""
-    from .ops.errors import DataError
+    from .data.errors import DataError
     from .video import VideoWriter, is_stream, open_video
 
     summaries: list[VideoSummary] = []
@@ -675,18 +675,19 @@ def explain(model: FocusDETR, image: Any, score_threshold: float = 0.3, max_dete
     ``arrays`` is :func:`focus_detr.viz.explain_arrays` plus ``image_size`` (original ``(h, w)``),
     ``input_size`` (network input ``(h, w)``) and the detections (``det_boxes``, ``det_scores``, ``det_labels``).
     """
-    from .ops.image_io import resize_shortest_edge, to_rgb_array
+    from .data.image_io import to_rgb_array
+    from .model.preprocess import preprocess
     from .viz import explain_arrays, explain_figure
 
     cfg = model.cfg
     array = to_rgb_array(image)
-    resized = resize_shortest_edge(array, cfg.test_short_side, cfg.test_max_size)
+    network_input, original = preprocess(array, cfg)  # the resize predict uses
     was_training = model.training
     model.eval()
     try:
-        batch = model.batch([torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1)])
+        batch = model.batch([network_input])
         outputs = model(batch)
-        det = model.postprocess(outputs, torch.tensor([array.shape[:2]]), score_threshold=score_threshold,
+        det = model.postprocess(outputs, torch.tensor([original]), score_threshold=score_threshold,
                                 max_detections=max_detections)[0]
     finally:
         model.train(was_training)

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .ops.errors import DataError
+from .data.errors import DataError
 
 #: File name endings treated as videos when searching folders.
 VIDEO_EXTENSIONS: frozenset[str] = frozenset(

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..config import FocusDETRConfig, make_config
+from ..devices import resolve_device
 from ..ops.ms_deform_attn import current_implementation
 from .anchor import ANCHOR_NAME, anchor_inputs, anchor_modules, anchor_unavailable_reason, build_anchor, describe_anchor
 from .flops import SAMPLING_MACS_PER_POINT_CHANNEL, count_flops, count_stage_flops
@@ -144,9 +145,7 @@ def run_benchmark(
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"unknown encoder mode {mode!r}; choose from {', '.join(MODES)}")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but torch.cuda.is_available() is False")
+    dev = resolve_device(device)  # the one device rule ("auto", a missing GPU: DeviceError, a ValueError)
     cfg = make_config(preset)
     preset_name = preset if isinstance(preset, str) else "custom"
 

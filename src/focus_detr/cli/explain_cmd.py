@@ -47,7 +47,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..ops.errors import DataError
+    from ..data.errors import DataError
     from ..inference import explain
     from ..viz import save_figure
     from .errors import CLIError
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     weights, images = split_weights(args, args.paths, "IMAGE")
     if len(images) != 1:
         raise CLIError(f"explain takes one image, got {len(images)}: {' '.join(images)}")
-    from ..ops.url_io import is_url, url_file_name
+    from ..data.url_io import is_url, url_file_name
 
     # A URL stays a string (Path() would collapse its "//"); explain() downloads it with a size limit.
     image: str | Path = images[0] if is_url(images[0]) else Path(images[0])

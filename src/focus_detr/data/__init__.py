@@ -7,7 +7,7 @@ from focus_detr.data.class_map import ClassMismatchError, map_categories, parse_
 from focus_detr.data.coco import CocoDetection
 from focus_detr.data.collate import collate_detection, make_collate
 from focus_detr.data.errors import DataError, DataWarning
-from focus_detr.data.io import MAX_IMAGE_PIXELS, load_image, to_rgb_array
+from focus_detr.data.image_io import MAX_IMAGE_PIXELS, load_image, to_rgb_array
 from focus_detr.data.layouts import (
     ACCEPTED_LAYOUTS,
     CocoJsonSplit,

@@ -23,7 +23,7 @@ import torch
 from pycocotools.coco import COCO
 
 from focus_detr.data.errors import DataError, DataWarning
-from focus_detr.data.io import load_image
+from focus_detr.data.image_io import load_image
 from focus_detr.data.transforms import ImageLike, Target, clip_and_filter_boxes, image_hw
 
 # Clipping a box to its image by less than this many pixels is float noise from the annotation tool

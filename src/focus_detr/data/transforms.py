@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from focus_detr.ops.images import resized_shape
+
 ImageLike = Image.Image | np.ndarray
 Target = dict[str, Any]
 
@@ -197,17 +199,9 @@ class ResizeShortestEdge:
 
     @staticmethod
     def get_output_shape(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
-        """``(new_h, new_w)`` for an ``height x width`` image (detectron2 ``ResizeShortestEdge``)."""
-        h, w = float(height), float(width)
-        scale = short / min(h, w)
-        if h < w:
-            new_h, new_w = float(short), scale * w
-        else:
-            new_h, new_w = scale * h, float(short)
-        if max(new_h, new_w) > max_size:
-            scale = max_size / max(new_h, new_w)
-            new_h, new_w = new_h * scale, new_w * scale
-        return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
+        """``(new_h, new_w)`` for an ``height x width`` image: :func:`focus_detr.ops.images.resized_shape`,
+        the one resize rule that prediction, the ONNX runner and video frames use too."""
+        return resized_shape(height, width, short, max_size)
 
     def __call__(self, image: ImageLike, target: Target,
                  rng: random.Random | None = None) -> tuple[ImageLike, Target]:

@@ -25,7 +25,7 @@ Inputs and outputs of the ONNX graph (``B = 1``, ``H``, ``W`` dynamic):
 name                   shape / dtype        meaning
 =====================  ===================  ==========================================================
 ``image``              ``[1, 3, H, W]`` f32  RGB in 0..255, already resized by the test-time rule
-                                            (:func:`focus_detr.ops.image_io.resize_shortest_edge`)
+                                            (:func:`focus_detr.model.preprocess.preprocess`)
 ``logits``             ``[1, Q, C]`` f32     class logits of the final decoder layer
 ``boxes``              ``[1, Q, 4]`` f32     sigmoid ``(cx, cy, w, h)`` normalised to the input size
 ``scores``             ``[1, K]`` f32        top-``K`` sigmoid scores over queries x classes, descending
@@ -348,7 +348,7 @@ class ExportReport:
 
 def default_example_size(cfg: Any) -> tuple[int, int]:
     """The network-input size of a 480 x 640 photo after the model's test-time resize (a typical input)."""
-    from ..ops.image_io import resized_shape
+    from ..ops.images import resized_shape
 
     return resized_shape(480, 640, cfg.test_short_side, cfg.test_max_size)
 
@@ -508,12 +508,12 @@ class OnnxDetector:
 
     def prepare(self, image: Any) -> tuple[np.ndarray, tuple[int, int]]:
         """Image (path, PIL, array) -> (``[1, 3, h, w]`` float32 network input, original ``(H, W)``)."""
-        from ..ops.image_io import resize_shortest_edge, to_rgb_array
+        from ..data.image_io import to_rgb_array
+        from ..model.preprocess import preprocess
 
-        array = to_rgb_array(image)
-        resized = resize_shortest_edge(array, self.cfg.test_short_side, self.cfg.test_max_size)
-        _check_size(*resized.shape[:2])
-        return np.ascontiguousarray(resized.transpose(2, 0, 1)[None], dtype=np.float32), array.shape[:2]
+        network_input, original = preprocess(to_rgb_array(image), self.cfg)  # as FocusDETR.predict
+        _check_size(*network_input.shape[1:])
+        return np.ascontiguousarray(network_input.numpy()[None], dtype=np.float32), original
 
     def run(self, network_input: np.ndarray) -> dict[str, np.ndarray]:
         """Raw outputs (see the module docstring) for a prepared ``[1, 3, h, w]`` input."""

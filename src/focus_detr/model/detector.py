@@ -6,8 +6,6 @@ from __future__ import annotations
 import copy
 import math
 
-import numpy as np
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -380,13 +378,19 @@ class FocusDETR(nn.Module):
     def predict(self, images, score_threshold: float = 0.0, max_detections: int | None = None,
                 batch_size: int = 1) -> list[Detections]:
         """Detect objects in PIL images, numpy arrays (HW, HWC; uint8/uint16/float), image file paths or
-        http(s) URLs (downloaded to a temporary file, :func:`focus_detr.ops.url_io.download_url`).
+        http(s) URLs (downloaded to a temporary file, :func:`focus_detr.data.url_io.download_url`).
 
-        Applies the official test-time resize (shorter side ``cfg.test_short_side``, longer side at most
-        ``cfg.test_max_size``) and normalisation; returns one :class:`Detections` per image, boxes in pixels
-        of the original image. Accepts one image or a list.
+        Each image is decoded (:func:`focus_detr.data.image_io.to_rgb_array`) and given the official
+        test-time resize (:func:`focus_detr.model.preprocess.preprocess`: shorter side ``cfg.test_short_side``,
+        longer side at most ``cfg.test_max_size``), then normalised when batched; returns one
+        :class:`Detections` per image, boxes in pixels of the original image. Accepts one image or a list.
         """
-        from ..ops.image_io import resize_shortest_edge, to_rgb_array
+        # One of the two places the model imports from data (README "Layout"; the other is Detections.plot): predict takes paths, URLs, PIL images
+        # and arrays, so it needs the decoder. data.image_io is a leaf (it imports only data.url_io and
+        # data.errors); nothing else of data is used, and importing it here, not at the top, keeps the
+        # model package free of data when it is loaded.
+        from ..data.image_io import to_rgb_array
+        from .preprocess import preprocess
 
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
@@ -396,12 +400,11 @@ class FocusDETR(nn.Module):
         try:
             for start in range(0, len(items), batch_size):
                 chunk = items[start:start + batch_size]
-                arrays = [to_rgb_array(item) for item in chunk]
                 tensors, originals = [], []
-                for arr in arrays:
-                    originals.append(arr.shape[:2])
-                    resized = resize_shortest_edge(arr, self.cfg.test_short_side, self.cfg.test_max_size)
-                    tensors.append(torch.from_numpy(np.array(resized, copy=True)).permute(2, 0, 1).contiguous())
+                for item in chunk:
+                    tensor, original = preprocess(to_rgb_array(item), self.cfg)
+                    tensors.append(tensor)
+                    originals.append(original)
                 batch = self.batch(tensors)
                 outputs = self(batch)
                 results.extend(self.postprocess(outputs, torch.tensor(originals), score_threshold, max_detections))

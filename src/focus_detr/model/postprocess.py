@@ -45,7 +45,8 @@ class Detections:
         """``image`` (path, PIL image, array or tensor, as :meth:`FocusDETR.predict` takes) with these
         detections drawn, as a new RGB ``PIL.Image``; see :func:`focus_detr.draw_detections` (tags that do
         not fit go to a legend strip below the picture unless ``legend=False``)."""
-        from ..ops.image_io import to_rgb_array
+        # Like FocusDETR.predict, plot decodes with data's leaf decoder (README "Layout"), imported on use.
+        from ..data.image_io import to_rgb_array
         from ..viz.draw import draw_detections  # lazy: the model package never needs viz to load
 
         # Read as predict reads it (EXIF orientation applied), so the boxes land where predict saw them.

@@ -1,4 +1,7 @@
-"""Batching images the way the official model does: normalise, then zero-pad bottom/right."""
+"""Image geometry and batching shared by every path: the one test-time resize rule
+(:func:`resized_shape`) and batching the way the official model does (normalise, then zero-pad
+bottom/right). Torch and the standard library only; decoding lives in :mod:`focus_detr.data.image_io`,
+the network-input preprocessing in :mod:`focus_detr.model.preprocess`."""
 
 from __future__ import annotations
 
@@ -7,6 +10,30 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+def resized_shape(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
+    """``(new_h, new_w)`` of an ``height x width`` image under detectron2's ``ResizeShortestEdge`` rule.
+
+    The shorter side becomes ``short_side`` (``scale = short_side / min(h, w)``); if the longer side would
+    then exceed ``max_size`` the image is scaled so the longer side is exactly ``max_size``; sizes are
+    rounded with ``int(x + 0.5)`` and kept >= 1 px (so 1 x 20000 images still give a valid image).
+
+    This is the only copy of the rule: prediction and explanation
+    (:func:`focus_detr.model.preprocess.preprocess`), the ONNX runner, video frames and the evaluation /
+    training transforms (:class:`focus_detr.data.transforms.ResizeShortestEdge`) all call it.
+    """
+    h, w = float(height), float(width)
+    scale = short_side / min(h, w)
+    # The short side is set exactly (not h * scale, which may be off by one ulp), as detectron2 does.
+    if h < w:
+        new_h, new_w = float(short_side), scale * w
+    else:
+        new_h, new_w = scale * h, float(short_side)
+    if max(new_h, new_w) > max_size:
+        scale = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * scale, new_w * scale
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
 
 
 @dataclass

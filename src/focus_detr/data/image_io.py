@@ -22,6 +22,11 @@ F, floats           non-finite -> 0, negatives -> 0; maximum <= 1 means a 0..1 i
                     means a 0..255 image (unchanged); larger maxima are scaled to 255
 bool                True -> 255
 ==================  ==========================================================================================
+
+This module, :mod:`focus_detr.data.url_io` and :mod:`focus_detr.data.errors` are the decoding leaf of
+``data``: they import nothing else of the project. :meth:`focus_detr.model.FocusDETR.predict` imports this
+module lazily (the one place the model reaches into ``data``, see README "Layout"), so keep it a leaf.
+Resizing and conversion to the network input are :func:`focus_detr.model.preprocess.preprocess`.
 """
 
 from __future__ import annotations
@@ -103,7 +108,7 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, alpha: str 
 
 
 def load_image_url(url: str, alpha: str = "composite") -> np.ndarray:
-    """Download ``url`` (:func:`~focus_detr.ops.url_io.download_url`: timeout, size limit) and read it as
+    """Download ``url`` (:func:`~focus_detr.data.url_io.download_url`: timeout, size limit) and read it as
     :func:`load_image` does; the temporary file is removed afterwards. Errors name the URL, not the file."""
     import shutil
 
@@ -242,23 +247,3 @@ def _scale_to_uint8(arr: np.ndarray, path: Path | None) -> np.ndarray:
             a *= np.float32(255.0 / m)
         return np.clip(np.rint(a, out=a), 0, 255).astype(np.uint8)
     raise DataError(f"unsupported image dtype {arr.dtype}", path, None if path is not None else "array")
-
-
-def resized_shape(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
-    """detectron2 ``ResizeShortestEdge`` rule: scale the shorter side to ``short_side`` unless the longer side
-    would exceed ``max_size``; sizes rounded with ``int(x + 0.5)`` and kept >= 1 px."""
-    scale = short_side / min(height, width)
-    new_h, new_w = height * scale, width * scale
-    if max(new_h, new_w) > max_size:
-        rescale = max_size / max(new_h, new_w)
-        new_h, new_w = new_h * rescale, new_w * rescale
-    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
-
-
-def resize_shortest_edge(image: np.ndarray, short_side: int, max_size: int) -> np.ndarray:
-    """Resize an ``[H, W, 3]`` uint8 array with PIL bilinear (as detectron2)."""
-    h, w = image.shape[:2]
-    new_h, new_w = resized_shape(h, w, short_side, max_size)
-    if (new_h, new_w) == (h, w):
-        return image
-    return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))

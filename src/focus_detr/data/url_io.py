@@ -2,7 +2,7 @@
 
 A URL is downloaded to a local file before anything else looks at it, with a timeout on every network
 operation and a size limit (checked on ``Content-Length`` and again while reading, since servers may omit
-or misstate it). Every failure is a :class:`DownloadError` (a :class:`~focus_detr.ops.errors.DataError`)
+or misstate it). Every failure is a :class:`DownloadError` (a :class:`~focus_detr.data.errors.DataError`)
 whose message is one line naming the URL, e.g. ``https://x/y.jpg: HTTP 404 Not Found``.
 
 URLs must be recognised *before* any ``pathlib.Path`` conversion: ``Path("https://a/b")`` collapses the
