@@ -8,9 +8,13 @@ the same tokens and queries are compared), we require:
 
 * class logits within 0.25 absolute (5x that estimate), so detection scores (sigmoid, slope <= 1/4)
   within 0.0625;
-* boxes (sigmoid cxcywh, normalised) within 0.02 of the image size: the box heads run in float32, only
-  their inputs carry bf16 error;
+* boxes (sigmoid cxcywh, normalised) within 0.03 of the image size: the box heads run in float32, only their
+  inputs carry bf16 error, but each of the 6 decoder layers refines the box of the previous one;
 * foreground token scores within 0.1 (they feed top-k; the score head is float32).
+
+Observed (2-core AMD EPYC, torch 2.13): tiny model max |logit| diff 0.017, scores 0.0004; parity weights (R50,
+96x128 and 128x160 inputs) top-100 scores 0.009 / 0.005, top-100 boxes 0.011 / 0.012, foreground 0.005, all
+logits 0.12 / 0.20. The top-100 score bound has a 7x margin, the box bound ~2.5x.
 
 Without forcing, near-tied tokens may swap; the free-running bf16 model must still pick >= 90 % of fp32's
 queries. fp32 with FrozenBN folded differs from the original only by float32 rounding (1e-4 on logits).
@@ -44,7 +48,7 @@ from focus_detr.ops import ms_deform_attn as msda
 
 LOGIT_BOUND = 0.25
 SCORE_BOUND = LOGIT_BOUND / 4
-BOX_BOUND = 0.02
+BOX_BOUND = 0.03
 FOREGROUND_BOUND = 0.1
 MIN_FREE_QUERY_OVERLAP = 0.9
 
@@ -346,8 +350,8 @@ def test_bf16_on_the_parity_weights_top100_within_bounds() -> None:
     model = focus_detr.load_official(fx.official_state_dict(focus_detr.build_model(fx.cfg)), fx.preset,
                                      **fx.overrides)
     assert any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
-    # One fixture image at a third of its size: the R50 forward in bf16 is emulated (slow) on AVX2 CPUs.
-    image = F.interpolate(fx.images()[0][None].float(), size=(128, 160), mode="bilinear")[0].round()
+    # One fixture image at a quarter of its size: the R50 forward in bf16 is emulated (slow) on AVX2 CPUs.
+    image = F.interpolate(fx.images()[0][None].float(), size=(96, 128), mode="bilinear")[0].round()
     batch = model.batch([image])
     policy = ReplayPolicy()
     with torch.no_grad():
@@ -355,14 +359,13 @@ def test_bf16_on_the_parity_weights_top100_within_bounds() -> None:
     num_classes = ref.main.logits.shape[-1]
     top = ref.main.logits.sigmoid().flatten(1).topk(100).indices[0]
     queries = top // num_classes
-
-    for precision, score_bound, box_bound in (("fp32", 1e-5, 1e-5), ("bf16", SCORE_BOUND, BOX_BOUND)):
-        fast = optimize_for_inference(model, "fp32") if precision == "fp32" else _bf16(model)
-        out = fast(batch, policy=policy.replay())
-        scores = out.main.logits.sigmoid().flatten(1)[0, top]
-        ref_scores = ref.main.logits.sigmoid().flatten(1)[0, top]
-        assert (scores - ref_scores).abs().max() <= score_bound, precision
-        assert (out.main.boxes[0, queries] - ref.main.boxes[0, queries]).abs().max() <= box_bound, precision
+    out = _bf16(model)(batch, policy=policy.replay())
+    scores = out.main.logits.sigmoid().flatten(1)[0, top]
+    ref_scores = ref.main.logits.sigmoid().flatten(1)[0, top]
+    assert (scores - ref_scores).abs().max() <= SCORE_BOUND
+    assert (out.main.boxes[0, queries] - ref.main.boxes[0, queries]).abs().max() <= BOX_BOUND
+    assert (out.foreground_logits - ref.foreground_logits).abs().max() <= FOREGROUND_BOUND
+    assert (scores - ref_scores).abs().max() > 0  # bf16 really ran
 
 
 # ---- command line ------------------------------------------------------------------------------------------
