@@ -15,6 +15,7 @@ import torch
 from .config import FocusDETRConfig
 from .convert.official import CheckpointMismatchError, ConversionReport
 from .model import FocusDETR, build_model
+from .model.optimize import InferenceOnlyError, PrecisionError, optimize_for_inference
 from .weights.files import CheckpointFormatError, read_torch_file
 from .weights.kinds import WEIGHTS_FORMAT, WEIGHTS_FORMAT_VERSION, check_weights_payload, save_weights
 
@@ -45,7 +46,12 @@ def load_official(checkpoint: str | Path | Mapping[str, Any], preset: str | Focu
 
 def save(model: FocusDETR, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``{format, format_version, config, state_dict, extra, sha256}`` (loadable with
-    ``weights_only=True``; the checksum covers config and tensors), atomically."""
+    ``weights_only=True``; the checksum covers config and tensors), atomically. A model from
+    :func:`optimize_for_inference` is refused (:class:`InferenceOnlyError`): save the original."""
+    from .model.optimize import _NO_SAVE, is_inference_only
+
+    if is_inference_only(model):
+        raise InferenceOnlyError(_NO_SAVE)
     return save_weights(model, path, extra)
 
 
@@ -81,5 +87,5 @@ def from_pretrained(name_or_path: str | os.PathLike[str], device: str | torch.de
 
 
 __all__ = ["build_model", "load_official", "save", "load", "from_pretrained", "read_weights_file",
-           "read_torch_file", "CheckpointFormatError", "CheckpointMismatchError", "ConversionReport",
+           "optimize_for_inference", "PrecisionError", "InferenceOnlyError", "read_torch_file", "CheckpointFormatError", "CheckpointMismatchError", "ConversionReport",
            "WEIGHTS_FORMAT", "WEIGHTS_FORMAT_VERSION"]

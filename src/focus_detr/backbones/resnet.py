@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from focus_detr.backbones.base import Backbone
 from focus_detr.config import ResNetConfig
-from focus_detr.layers.frozen_bn import FrozenBatchNorm2d
+from focus_detr.layers.frozen_bn import FrozenBatchNorm2d, fold_frozen_batch_norm
 
 # Bottleneck blocks per stage (res2, res3, res4, res5).
 RESNET_BLOCKS: dict[int, tuple[int, int, int, int]] = {
@@ -79,6 +79,23 @@ class Conv2dNorm(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(super().forward(x))
+
+    def fold_norm(self) -> bool:
+        """Fold a :class:`FrozenBatchNorm2d` into this convolution's weight and a new bias, for inference.
+
+        Afterwards ``norm`` is an ``nn.Identity`` and the layer computes the same function with one op
+        instead of two (exact up to float rounding; see :func:`fold_frozen_batch_norm`). The state dict
+        changes (a ``bias``, no ``norm.*``), so a folded model is no longer a detectron2-layout checkpoint.
+        Returns False (and changes nothing) for a trainable norm such as GroupNorm.
+        """
+        if not isinstance(self.norm, FrozenBatchNorm2d):
+            return False
+        weight, bias = fold_frozen_batch_norm(self.weight.detach(), None if self.bias is None else self.bias.detach(),
+                                              self.norm)
+        self.weight = nn.Parameter(weight, requires_grad=self.weight.requires_grad)
+        self.bias = nn.Parameter(bias, requires_grad=self.weight.requires_grad)
+        self.norm = nn.Identity()
+        return True
 
 
 class BasicStem(nn.Module):

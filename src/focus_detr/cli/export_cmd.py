@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import add_runtime_options
+from .options import add_precision_option, add_runtime_options
 from .predict_cmd import add_model_options, model_from_args, split_weights
 
 EXAMPLES = """\
@@ -46,6 +46,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="largest accepted |logit| difference between onnxruntime and PyTorch (default 1e-3)")
     add_model_options(p)
     add_runtime_options(p, quiet_help="do not print the model line on stderr")
+    add_precision_option(p, note="; export writes fp32 graphs only (see docs/usage.md)")
     return p
 
 
@@ -62,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
     if len(rest) != 1:
         raise CLIError(f"expected one output file, got {len(rest)}: {' '.join(rest)}")
     out = rest[0]
+    if args.precision != "fp32":
+        raise CLIError(f"--precision {args.precision} is not supported by export: it writes float32 ONNX graphs "
+                       "(onnxruntime has no fast bfloat16 CPU kernels; for a float16 GPU graph convert the fp32 file, "
+                       "e.g. with onnxconverter-common's float16 converter)")
     if opset < 16:
         raise CLIError("--opset must be >= 16 (GridSample, used by deformable attention, needs opset 16)")
     for module in ("onnx", "onnxscript") + (() if args.no_verify else ("onnxruntime",)):

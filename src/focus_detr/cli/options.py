@@ -4,6 +4,8 @@
   availability by :func:`focus_detr.devices.resolve_device` when the command starts (one-line error, exit 2).
 * ``--threads N|auto``: torch CPU threads (``auto``: PyTorch's default unless the load average shows other
   work, then 1).
+* ``--precision fp32|bf16|fp16``: run the model through :func:`focus_detr.optimize_for_inference` in that
+  precision (:func:`add_precision_option`, :func:`apply_precision`).
 * ``--quiet``: no progress bars or progress messages (results are still printed). Commands that had
   ``--no-progress`` keep it as a hidden alias, so old scripts keep working.
 
@@ -60,6 +62,42 @@ def add_runtime_options(parser: argparse.ArgumentParser, device_default: str = "
     add_device_option(group, device_default, device_note)
     add_threads_option(group)
     add_quiet_option(group, no_progress_alias, quiet_help)
+
+
+# The precisions of focus_detr.model.optimize.PRECISIONS (not imported: --help must not load torch; a test
+# checks that the two agree).
+PRECISION_CHOICES: tuple[str, ...] = ("fp32", "bf16", "fp16")
+
+
+def add_precision_option(group: Any, default: str = "fp32", note: str = "") -> None:
+    """``--precision fp32|bf16|fp16``; apply it with :func:`apply_precision` once the model is loaded."""
+    group.add_argument("--precision", choices=PRECISION_CHOICES, default=default,
+                       help=f"compute precision (default {default}): the model is optimised for inference (FrozenBN "
+                            "folded; bf16/fp16: weights cast once, scores, boxes and deformable sampling kept in "
+                            "float32). bf16: CPU and CUDA, slower than fp32 on CPUs without bf16 units "
+                            f"(AVX-512-BF16/AMX); fp16: CUDA only{note}")
+
+
+def apply_precision(model: Any, precision: str) -> Any:
+    """``focus_detr.optimize_for_inference(model, precision)``, with an unsupported precision / device pair as a
+    one-line :class:`~focus_detr.cli.main.CLIError` (exit 2). The warning about bf16 on a CPU without bf16
+    units is printed once on stderr."""
+    import warnings
+
+    from ..model.optimize import PrecisionError, optimize_for_inference
+    from .main import CLIError
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            optimized = optimize_for_inference(model, precision)
+    except PrecisionError as e:
+        raise CLIError(f"--precision {precision}: {e}") from None
+    import sys
+
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    return optimized
 
 
 def choose_threads(requested: int | str) -> int:

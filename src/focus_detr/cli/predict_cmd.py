@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from ..config import PRESETS
-from .options import add_runtime_options
+from .options import add_precision_option, add_runtime_options
 
 EXAMPLES = """\
 examples:
@@ -21,6 +21,7 @@ examples:
   focus-detr predict weights.pt photos/ extra.jpg "more/**/*.png" --out runs/predict
   focus-detr predict r50_36ep.pth photos/ --preset r50_4scale --out runs/predict --device cuda --batch-size 8
   focus-detr predict --preset tiny --random-init photos/ --out runs/smoke      # no weights: smoke test
+  focus-detr predict weights.pt photos/ --out runs/bf16 --precision bf16        # CPUs with bf16 units, GPUs
   focus-detr predict weights.pt https://example.com/street.jpg --out runs/url   # downloaded first
   focus-detr predict weights.pt clip.mp4 --out runs/video --frame-step 2        # needs focus-detr[video]
   focus-detr predict weights.pt rtsp://camera.local/stream camera:0 --max-frames 300 --out runs/live
@@ -138,6 +139,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="URLs: refuse downloads larger than this (default 200)")
     add_model_options(p)
     add_runtime_options(p, quiet_help="no progress bar and no model line on stderr")
+    add_precision_option(p)
     return p
 
 
@@ -145,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     from ..inference import discover_inputs, predict_to_folder
     from .errors import CLIError
 
-    from .options import check_device
+    from .options import apply_precision, check_device
 
     weights, inputs = split_weights(args, args.paths, "INPUT ...")
     check_device(args)  # before scanning folders or downloading
@@ -156,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"no images or videos found in the inputs:\n  {detail}")
     _check_video_support(items)
     model, description = model_from_args(args, weights)
+    model = apply_precision(model, args.precision)
+    description += f", {args.precision}"
     counts = {kind: sum(it.kind == kind for it in items) for kind in ("image", "video", "url", "stream")}
     found = ", ".join(f"{n} {kind}(s)" for kind, n in counts.items() if n)
     if not args.quiet:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -73,9 +74,12 @@ class MultiScaleDeformableAttention(nn.Module):
         if value_padding_mask is not None:
             value = value.masked_fill(value_padding_mask[..., None], 0.0)
         value = value.view(batch, num_values, self.num_heads, -1)
-        offsets = self.sampling_offsets(query).view(
+        # Mixed precision policy: the projections may run in bfloat16/float16 under autocast, but offsets and
+        # attention weights are taken to float32 before they are combined with the float32 reference points
+        # and normalised (see sampling_autocast_off).
+        offsets = self.sampling_offsets(query).float().view(
             batch, num_queries, self.num_heads, self.num_levels, self.num_points, 2)
-        weights = self.attention_weights(query).view(
+        weights = self.attention_weights(query).float().view(
             batch, num_queries, self.num_heads, self.num_levels * self.num_points).softmax(-1)
         weights = weights.view(batch, num_queries, self.num_heads, self.num_levels, self.num_points)
         if reference_points.shape[-1] == 2:
@@ -90,6 +94,20 @@ class MultiScaleDeformableAttention(nn.Module):
         else:
             raise ValueError(f"reference_points must end in 2 or 4, got {tuple(reference_points.shape)}")
         # Bilinear sampling stays in float32 under autocast: half-precision locations lose whole pixels on
-        # large maps.
-        output = ms_deform_attn(value.float(), spatial_shapes, locations.float(), weights.float())
+        # large maps (one bfloat16 ulp of a coordinate near 0.9 is 1/256 of the map, 0.65 cells at W = 167).
+        with sampling_autocast_off(value.device.type):
+            output = ms_deform_attn(value.float(), spatial_shapes, locations.float(), weights.float())
         return self.output_proj(output.to(query.dtype))
+
+
+def sampling_autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Context in which the deformable sampling core runs: autocast off on ``device_type`` if it is on.
+
+    The inputs are cast to float32 at the call site; turning autocast off as well keeps every op inside the
+    core (the fast path's ``embedding_bag`` / ``bmm`` / sparse products, the reference's ``grid_sample``) in
+    float32 whichever ops a PyTorch version adds to autocast's lower-precision lists. Without autocast no
+    context is entered, so traced graphs (ONNX export) are unchanged.
+    """
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

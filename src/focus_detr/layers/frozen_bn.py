@@ -53,6 +53,11 @@ class FrozenBatchNorm2d(nn.Module):
             x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.eps
         )
 
+    def scale_and_shift(self, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+        """``(scale, shift)`` ``[C]`` in ``dtype`` with ``forward(x) == x * scale + shift`` per channel."""
+        scale = self.weight.to(dtype) * (self.running_var.to(dtype) + self.eps).rsqrt()
+        return scale, self.bias.to(dtype) - self.running_mean.to(dtype) * scale
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -72,3 +77,21 @@ class FrozenBatchNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
+
+
+def fold_frozen_batch_norm(weight: Tensor, bias: Tensor | None, norm: FrozenBatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Weight and bias of one convolution equal to ``norm(conv(x, weight, bias))``.
+
+    ``weight [C_out, C_in, k, k]`` is scaled per output channel and the bias becomes ``bias * scale + shift``.
+    The arithmetic is done in float64 and rounded once to ``weight.dtype``, so in float64 the folded
+    convolution equals conv -> norm up to the reassociation of a multiply (~1e-15 relative).
+    """
+    if weight.shape[0] != norm.num_features:
+        raise ValueError(f"cannot fold a FrozenBatchNorm2d of {norm.num_features} channels into a convolution with "
+                         f"{weight.shape[0]} output channels")
+    scale, shift = norm.scale_and_shift(torch.float64)
+    scale = scale.to(weight.device)
+    shift = shift.to(weight.device)
+    folded_weight = weight.to(torch.float64) * scale.view(-1, *([1] * (weight.dim() - 1)))
+    folded_bias = shift if bias is None else bias.to(torch.float64) * scale + shift
+    return folded_weight.to(weight.dtype), folded_bias.to(weight.dtype)
