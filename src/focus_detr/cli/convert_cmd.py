@@ -86,7 +86,7 @@ def verify_roundtrip(model, path: Path, size: tuple[int, int] = (160, 224), devi
     """Load ``path`` back and compare it with ``model``: every tensor, then the outputs on one random image
     (both models on ``device``, default the CPU).
 
-    Raises :class:`~focus_detr.cli.main.CLIError` (exit 1) on any difference; returns a one-line summary.
+    Raises :class:`~focus_detr.cli.errors.CLIError` (exit 1) on any difference; returns a one-line summary.
     """
     import torch
 

@@ -80,12 +80,12 @@ def add_precision_option(group: Any, default: str = "fp32", note: str = "") -> N
 
 def apply_precision(model: Any, precision: str) -> Any:
     """``focus_detr.optimize_for_inference(model, precision)``, with an unsupported precision / device pair as a
-    one-line :class:`~focus_detr.cli.main.CLIError` (exit 2). The warning about bf16 on a CPU without bf16
+    one-line :class:`~focus_detr.cli.errors.CLIError` (exit 2). The warning about bf16 on a CPU without bf16
     units is printed once on stderr."""
     import warnings
 
     from ..model.optimize import PrecisionError, optimize_for_inference
-    from .main import CLIError
+    from .errors import CLIError
 
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -130,7 +130,7 @@ def apply_threads(args: argparse.Namespace) -> int | None:
 
 def check_device(args: argparse.Namespace):
     """Resolve ``args.device`` now, so a device this machine lacks fails in a second, before any loading.
-    Returns the :class:`torch.device`; raises :class:`~focus_detr.cli.main.CLIError` (exit 2)."""
+    Returns the :class:`torch.device`; raises :class:`~focus_detr.cli.errors.CLIError` (exit 2)."""
     from ..devices import DeviceError, resolve_device
     from .errors import CLIError
 
