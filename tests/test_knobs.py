@@ -123,3 +123,32 @@ def test_cli_predict_keep_ratio(tmp_path):
     assert good.returncode == 0, good.stderr
     info = json.loads((tmp_path / "ok" / "images.json").read_text())["info"]
     assert "keep ratio 0.3" in info["model"]
+
+
+def test_keep_ratio_sweep_on_a_small_dataset(tmp_path):
+    """The benchmark's knob sweep: AP and latency per keep ratio plus the dense reference, a table and a plot."""
+    import focus_detr
+    from focus_detr.bench.knob_sweep import format_sweep, keep_ratio_sweep, plot_sweep
+    from focus_detr.data.synthetic import make_shapes_dataset
+
+    make_shapes_dataset(tmp_path / "data", num_train=1, num_val=3, image_size=(64, 96))
+    cats = json.loads((tmp_path / "data" / "annotations" / "instances_val.json").read_text())["categories"]
+    torch.manual_seed(0)
+    model = build_model("tiny", num_classes=len(cats), class_names=tuple(c["name"] for c in cats),
+                        test_short_side=64, test_max_size=96)
+    weights = focus_detr.save(model, tmp_path / "w.pt")
+    result = keep_ratio_sweep(str(weights), str(tmp_path / "data"), keep_ratios=(0.2, 0.5), latency_images=1,
+                              repeats=1)
+    configs = [p["config"] for p in result["points"]]
+    assert configs == ["focus 0.2", "focus 0.5", "dense"]
+    focus_low, focus_mid, dense = result["points"]
+    assert focus_low["encoder_gflops"] < focus_mid["encoder_gflops"] < dense["encoder_gflops"]
+    assert focus_low["tokens_fraction"] < focus_mid["tokens_fraction"] < dense["tokens_fraction"] == 1.0
+    assert dense["latency_vs_dense"] == pytest.approx(1.0)
+    for p in result["points"]:
+        assert p["AP"] is not None and p["ms_per_image"] > 0
+    assert result["trained_keep_ratio"] == 0.5
+    assert "| focus 0.2 |" in "\n".join(format_sweep(result, markdown=True))
+    pytest.importorskip("matplotlib")
+    path = plot_sweep(result, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 5000 and path.endswith("sweep.png")
