@@ -64,6 +64,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
         "platform": platform.platform(), "device": str(device),
         "msda_implementation": current_implementation(),
+        # set by focus_detr (PASSIVE unless the user chose otherwise); what OpenMP threads do while they wait
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
     from ..ops import ms_deform_attn as msda
 
