@@ -350,3 +350,26 @@ def test_gpu_compile_failure_is_reported_not_fatal():
     result = bench_gpu.try_compile("tiny", (64, 64), "cpu", "no_such_backend", timeout=300)
     assert "error" in result and "\n" not in result["error"]
     assert "no_such_backend" in result["error"] or "backend" in result["error"].lower()
+
+
+def test_background_load_dies_with_the_benchmark():
+    """A benchmark killed before it could stop its load leaves no process spinning behind."""
+    import signal
+    import sys
+    import time
+
+    code = ("from focus_detr.bench.contention import BackgroundLoad\nimport time\n"
+            "bg = BackgroundLoad(1).__enter__()\nprint(bg._procs[0].pid, flush=True)\ntime.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    busy = int(parent.stdout.readline())
+    assert _alive(busy)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    parent.stdout.close()
+    deadline = time.monotonic() + 60
+    while _alive(busy) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    gone = not _alive(busy)
+    if not gone:
+        os.kill(busy, signal.SIGKILL)
+    assert gone

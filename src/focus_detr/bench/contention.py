@@ -26,13 +26,17 @@ from .timing import interleaved, summarize, timed_stages
 
 # A busy process: pins itself when given a core, then spins until killed. Started with -S (no site imports)
 # and no torch, so it starts in milliseconds and uses no memory to speak of.
+# It also stops by itself when the benchmark process is gone (killed before it could stop its load): it checks
+# its parent about 20 times a second.
 _BUSY = ("import os, sys\n"
          "cpu = int(sys.argv[1])\n"
+         "parent = os.getppid()\n"
          "if cpu >= 0 and hasattr(os, 'sched_setaffinity'):\n"
          "    os.sched_setaffinity(0, {cpu})\n"
          "sys.stdout.write('ready\\n'); sys.stdout.flush()\n"
-         "while True:\n"
-         "    pass\n")
+         "while os.getppid() == parent:\n"
+         "    for _ in range(200000):\n"
+         "        pass\n")
 
 
 def load_cores(processes: int, pinned: bool) -> list[int | None]:
