@@ -151,7 +151,8 @@ def plot_sweep(result: dict[str, Any], path: str | os.PathLike[str]) -> str:
     fig = Figure(figsize=(6.4, 4.4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(111)
-    focus = sorted((p for p in result["points"] if p["keep_ratio"] is not None), key=lambda p: p["ms_per_image"])
+    # in keep-ratio order: the path the knob takes (latency need not be monotonic on a noisy machine)
+    focus = sorted((p for p in result["points"] if p["keep_ratio"] is not None), key=lambda p: p["keep_ratio"])
     ax.plot([p["ms_per_image"] for p in focus], [p["AP"] or 0.0 for p in focus], "o-", color="#1f77b4",
             label="focus, keep ratio r (same weights)")
     for p in focus:
