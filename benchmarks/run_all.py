@@ -53,6 +53,18 @@ def runs(out: str, threads: int, quick: bool) -> list[tuple[str, list[str]]]:
                                        "--repeats", "3", "--threads", "1",
                                        "--json", f"{out}/anchor_as_shipped_1thread.json"]),
         ("train_step", [sys.executable, f"{HERE}/bench_train_step.py", *t, "--json", f"{out}/train_step.json"]),
+        # issue 14: efficiency against the matmul peak, contention, training cost with memory, the speed knob
+        ("efficiency_1thread", cli + ["--size", "800x1333", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                                      "--modes", "focus,dense", "--no-memory", "--no-anchor",
+                                      "--output", f"{out}/efficiency_1thread.json"]),
+        ("contention", cli + ["--size", "480x640", "--repeats", "2", "--threads", "2", "--modes", "focus,dense",
+                              "--no-memory", "--no-anchor", "--no-peak", "--background-load", "1",
+                              "--contention-threads", "1,2", "--output", f"{out}/contention.json"]),
+        ("train_step_memory", [sys.executable, f"{HERE}/bench_train_step.py", "--threads", "1", "--steps", "5",
+                               "--memory", "--json", f"{out}/train_step_memory.json"]),
+        ("keep_ratio", [sys.executable, f"{HERE}/bench_keep_ratio.py", "--weights", "runs/demo/model_final.pth",
+                        "--data", "runs/demo/data", "--json", f"{out}/keep_ratio.json",
+                        "--plot", os.path.join(HERE, "..", "docs", "images", "keep_ratio_ap_vs_latency.png")]),
         ("train_step_backbone_once", [sys.executable, f"{HERE}/bench_train_step.py", *t, "--backbone-once",
                                       "--json", f"{out}/train_step_backbone_once.json"]),
     ]
@@ -95,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(format_report(refresh_derived(data), markdown=True))
         elif "modes" in data:
             parts.append("\n".join(format_train_step(data, markdown=True)) + "\n")
+        elif "points" in data:
+            from focus_detr.bench.knob_sweep import format_sweep
+
+            parts.append("\n".join(format_sweep(data, markdown=True)) + "\n")
     with open(os.path.join(args.out_dir, "summary.md"), "w") as f:
         f.write("\n".join(parts))
     print(f"summary: {os.path.join(args.out_dir, 'summary.md')}")

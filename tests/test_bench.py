@@ -209,3 +209,167 @@ def test_cli_json_tiny():
     for mode in MODES:
         assert entry["memory"][mode]["peak_mb"] > 0, entry["memory"][mode]
     assert entry["modes"]["focus"]["stages"]["encoder"]["gflops"] < entry["modes"]["dense"]["stages"]["encoder"]["gflops"]
+
+
+# ---- efficiency against the machine's matmul peak ------------------------------------------------------------
+def test_matmul_peak_and_efficiency():
+    from focus_detr.bench.peak import efficiency, find_peak, matmul_peak, measure_peaks
+
+    p = matmul_peak("fp32", threads=1, size=128, trials=2, trial_seconds=0.01)
+    assert p["dtype"] == "fp32" and p["threads"] == 1 and p["n"] == 128
+    assert p["gflops"] == max(p["trials_gflops"]) > 0
+    peaks = measure_peaks(("fp32",), (1, 1), size=64, trials=1, trial_seconds=0.001)
+    assert len(peaks) == 1  # thread counts deduplicated
+    assert find_peak(peaks, "fp32", 1) is peaks[0] and find_peak(peaks, "bf16", 1) is None
+    # 10 GFLOP in 500 ms = 20 GFLOP/s, a quarter of an 80 GFLOP/s peak
+    assert efficiency(10.0, 500.0, 80.0) == {"gflops_per_s": 20.0, "of_peak": 0.25}
+    assert efficiency(0.0, 5.0, 80.0) == {"gflops_per_s": None, "of_peak": None}
+    with pytest.raises(ValueError, match="dtype"):
+        matmul_peak("int8")
+
+
+def test_report_has_efficiency_columns(tiny_report):
+    peak = tiny_report["efficiency_peak"]
+    assert peak["dtype"] == "fp32" and peak["gflops"] > 0
+    assert {(p["dtype"], p["threads"]) for p in tiny_report["peaks"]} >= {("fp32", 1), ("bf16", 1)}
+    total = tiny_report["results"][0]["modes"]["focus"]["stages"]["total"]
+    assert total["gflops_per_s"] == pytest.approx(total["gflops"] / (total["ms"] / 1000))
+    assert total["of_peak"] == pytest.approx(total["gflops_per_s"] / peak["gflops"])
+    text = format_report(tiny_report)
+    assert "matmul peak" in text and "GFLOP/s (of peak)" in text
+    assert any(t["name"].startswith("focus whole model, fraction of the fp32 matmul peak")
+               for t in tiny_report["targets"]) or tiny_report["results"][0]["size"] != [800, 1333]
+
+
+# ---- contention ---------------------------------------------------------------------------------------------
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_background_load_starts_and_stops_its_processes():
+    from focus_detr.bench.contention import BackgroundLoad, load_cores
+
+    assert load_cores(2, pinned=False) == [None, None]
+    n = os.cpu_count() or 1
+    assert load_cores(1, pinned=True) == [n - 1]
+    with BackgroundLoad(1, pinned=True) as bg:
+        (proc,) = bg._procs
+        assert _alive(proc.pid)
+        if hasattr(os, "sched_getaffinity"):
+            assert os.sched_getaffinity(proc.pid) == {n - 1}
+        assert "pinned to core" in bg.describe()
+    assert proc.poll() is not None  # stopped on exit
+    assert BackgroundLoad(0).describe().startswith("quiet")
+    with pytest.raises(ValueError):
+        BackgroundLoad(-1)
+
+
+def test_contention_blocks_tiny():
+    from focus_detr.bench.contention import format_contention, run_contention
+
+    result = run_contention("tiny", (64, 96), load=1, threads=(1,), repeats=1, warmup=0)
+    quiet, loaded = result["blocks"]
+    assert (quiet["load_processes"], loaded["load_processes"]) == (0, 1)
+    for block in (quiet, loaded):
+        assert block["threads"] == 1
+        ratio = block["ratios"]["focus/dense"]["total"]
+        assert ratio["ms"] == pytest.approx(block["stages_ms"]["focus"]["total"] / block["stages_ms"]["dense"]["total"])
+    assert "focus/dense" in "\n".join(format_contention(result))
+
+
+def test_cli_contention_arguments(capsys):
+    assert cli_main(["benchmark", "--preset", "tiny", "--background-load", "-1"]) == 2
+    assert "--background-load" in capsys.readouterr().err
+    assert cli_main(["benchmark", "--preset", "tiny", "--modes", "focus,sparse", "--background-load", "1"]) == 2
+    assert "focus with dense" in capsys.readouterr().err
+
+
+# ---- training cost --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_train_step_three_modes_with_memory():
+    from focus_detr.bench import format_train_step
+
+    result = benchmark_train_step("tiny", ("focus", "dense", "sparse"), batch=1, size=(64, 96), steps=1, warmup=0,
+                                  threads=1, memory=True)
+    assert set(result["ratios"]) >= {"focus/dense", "sparse/dense"}
+    for mode in ("focus", "dense", "sparse"):
+        mem = result["modes"][mode]["memory"]
+        assert "error" not in mem, mem
+        assert mem["peak_mb"] > 0 and mem["step_ms"] > 0
+        if mem.get("increase_mb") is not None:
+            assert 0 <= mem["increase_mb"] <= mem["peak_mb"]
+    text = "\n".join(format_train_step(result, markdown=True))
+    assert "peak MiB" in text and "sparse" in text
+
+
+# ---- benchmarks/gpu.sh ----------------------------------------------------------------------------------------
+def _script_env() -> dict[str, str]:
+    import sys
+
+    return dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1",
+                PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def test_gpu_script_refuses_without_gpu(tmp_path):
+    if torch.cuda.is_available():  # the refusal is for machines without a GPU; this one has one
+        return
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--out", str(tmp_path / "gpu")],
+                          capture_output=True, text=True, timeout=120, env=_script_env())
+    assert proc.returncode == 2
+    assert "no CUDA GPU" in proc.stderr and "--dry-run" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "gpu").exists()  # failed before any work
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+    out = tmp_path / "gpu"
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, env=_script_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (out / "gpu.md").read_text()
+    assert "DRY RUN" in text and "| focus |" in text and "| sparse |" in text and "Training step" in text
+    report = json.loads((out / "gpu.json").read_text())
+    assert report["errors"] == [], report["errors"]
+    for precision in report["inference"]:
+        assert set(report["inference"][precision]) == set(MODES)
+    assert set(report["training"]["fp32"]) == set(MODES)
+    assert json.loads((out / "stages.json").read_text())["results"]
+
+
+def test_gpu_compile_failure_is_reported_not_fatal():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
+    bench_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_gpu)
+    result = bench_gpu.try_compile("tiny", (64, 64), "cpu", "no_such_backend", timeout=300)
+    assert "error" in result and "\n" not in result["error"]
+    assert "no_such_backend" in result["error"] or "backend" in result["error"].lower()
+
+
+def test_background_load_dies_with_the_benchmark():
+    """A benchmark killed before it could stop its load leaves no process spinning behind."""
+    import signal
+    import sys
+    import time
+
+    code = ("from focus_detr.bench.contention import BackgroundLoad\nimport time\n"
+            "bg = BackgroundLoad(1).__enter__()\nprint(bg._procs[0].pid, flush=True)\ntime.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    busy = int(parent.stdout.readline())
+    assert _alive(busy)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    parent.stdout.close()
+    deadline = time.monotonic() + 60
+    while _alive(busy) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    gone = not _alive(busy)
+    if not gone:
+        os.kill(busy, signal.SIGKILL)
+    assert gone

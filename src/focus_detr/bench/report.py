@@ -39,6 +39,26 @@ def stage_rows(entry: dict[str, Any], modes: list[str], stages: list[str], key: 
     return header, rows
 
 
+def efficiency_rows(entry: dict[str, Any], modes: list[str], stages: list[str]) -> tuple[list[str], list[list[str]]]:
+    """One row per stage: per mode ``GFLOP/s (percent of peak)``."""
+    header = ["stage"] + [f"{m} GFLOP/s (of peak)" for m in modes]
+    rows = []
+    for stage in stages:
+        row = [stage]
+        for m in modes:
+            st = entry["modes"][m]["stages"][stage]
+            rate, frac = st.get("gflops_per_s"), st.get("of_peak")
+            row.append("-" if rate is None else f"{rate:.1f} ({frac * 100:.0f}%)" if frac is not None else f"{rate:.1f}")
+        rows.append(row)
+    return header, rows
+
+
+def format_peaks(peaks: list[dict[str, Any]], markdown: bool = False) -> list[str]:
+    rows = [[p["dtype"], str(p["threads"] or "-"), str(p["n"]), f"{p['gflops']:.1f}",
+             ", ".join(f"{g:.1f}" for g in p["trials_gflops"])] for p in peaks]
+    return _table(["dtype", "threads", "n", "peak GFLOP/s", "trials"], rows, markdown)
+
+
 def format_report(report: dict[str, Any], markdown: bool = False) -> str:
     """Human-readable tables: latency and GFLOPs by stage per mode with ratios, memory, anchor, targets."""
     meta = report["meta"]
@@ -64,6 +84,14 @@ def format_report(report: dict[str, Any], markdown: bool = False) -> str:
         out.append("")
         out += _table(header, rows, markdown)
         out.append("")
+        peak = report.get("efficiency_peak")
+        if peak:
+            out.append(f"Achieved GFLOP/s by stage and fraction of the machine's {peak['dtype']} matmul peak "
+                       f"({peak['gflops']:.1f} GFLOP/s: torch.mm {peak['n']}x{peak['n']}, "
+                       f"{peak['threads'] or 'device'} thread(s), same run)" + (":" if not markdown else ""))
+            out.append("")
+            out += _table(*efficiency_rows(entry, modes, stages), markdown)
+            out.append("")
         spread = {m: entry["modes"][m]["stages"]["total"]["spread"] for m in modes}
         out.append("Run-to-run spread of the total ((max-min)/median): "
                    + ", ".join(f"{m} {v * 100:.0f}%" for m, v in spread.items()))
@@ -119,6 +147,19 @@ def format_report(report: dict[str, Any], markdown: bool = False) -> str:
     if "skipped" in anchor_info:
         out.append(f"Anchor skipped: {anchor_info['skipped']}")
         out.append("")
+    if report.get("peaks"):
+        units = report["meta"].get("cpu_matrix_units") or {}
+        have = [k for k, v in units.items() if v]
+        out.append("Matrix-multiply peak of this machine (torch.mm, best of the trials, same run; CPU flags: "
+                   + (", ".join(have) or "unknown") + ")" + (":" if not markdown else ""))
+        out.append("")
+        out += format_peaks(report["peaks"], markdown)
+        out.append("")
+    if report.get("contention"):
+        from .contention import format_contention
+
+        out += format_contention(report["contention"], markdown)
+        out.append("")
     if report.get("train_step"):
         out += format_train_step(report["train_step"], markdown)
         out.append("")
@@ -136,12 +177,27 @@ def format_report(report: dict[str, Any], markdown: bool = False) -> str:
 
 def format_train_step(result: dict[str, Any], markdown: bool = False) -> list[str]:
     out = [f"Training step ({result['preset']}, batch {result['batch']} at {result['size'][0]}x{result['size'][1]}, "
-           f"forward + loss + backward + AdamW; median of {result['steps']} interleaved steps):", ""]
-    rows = [[m, f"{r['step_ms']:.1f}", f"{r['images_per_s']:.2f}", f"{r['spread'] * 100:.0f}%"]
-            for m, r in result["modes"].items()]
-    out += _table(["mode", "step ms", "images/s", "spread"], rows, markdown)
-    if result.get("ratios"):
-        out += [""] + [f"{k} step time: {v:.3f}" for k, v in result["ratios"].items()]
+           f"{result.get('device', 'cpu')}, {result.get('threads', '?')} threads, forward + loss + backward + AdamW; "
+           f"median of {result['steps']} interleaved steps):", ""]
+    with_memory = any("memory" in r for r in result["modes"].values())
+    dense = result["modes"].get("dense")
+    rows = []
+    for m, r in result["modes"].items():
+        row = [m, f"{r['step_ms']:.1f}", f"{r['images_per_s']:.2f}", f"{r['spread'] * 100:.0f}%",
+               _f(r["step_ms"] / dense["step_ms"], "{:.2f}") if dense else "-"]
+        if with_memory:
+            mem = r.get("memory", {})
+            if "error" in mem:
+                row += ["error", mem["error"][:60], "-"]
+            else:
+                inc, dinc = mem.get("increase_mb"), (dense or {}).get("memory", {}).get("increase_mb")
+                row += [_f(mem.get("peak_mb"), "{:.0f}"), _f(inc, "{:.0f}"),
+                        _f(inc / dinc if inc and dinc else None, "{:.2f}")]
+        rows.append(row)
+    header = ["mode", "step ms", "images/s", "spread", "step time vs dense"]
+    if with_memory:
+        header += ["peak MiB", "step increase MiB", "increase vs dense"]
+    out += _table(header, rows, markdown)
     return out
 
 

@@ -1,8 +1,23 @@
-"""Training speed: images/s of one optimisation step (forward + loss + backward + AdamW step) per encoder mode."""
+"""Training cost: time and peak memory of one optimisation step (forward + loss + backward + AdamW step) per
+encoder mode (focus / dense / sparse), at a stated image size.
+
+Time: the modes' steps interleaved in one process (same weights at the start, same images and targets every
+step), median over the measured steps. Memory: each mode in a fresh process (``python -m
+focus_detr.bench.train_step --memory-child ...``): two steps first (so AdamW's moment buffers exist, as in any
+real training), then the peak during one more step -- CPU: peak RSS after a reset of the kernel's high-water
+mark (``VmHWM``, weights, gradients, optimizer state, activations, allocator caches and the runtime all
+included) and its increase over the RSS before the step (activations + temporaries); CUDA:
+``torch.cuda.max_memory_allocated``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,9 +41,98 @@ def random_targets(batch: int, num_classes: int, seed: int = 0, max_boxes: int =
     return targets
 
 
+def _make_stepper(model, images, targets, lr: float, sync: Callable[[], None]) -> Callable[[], float]:
+    """A function doing one training step of ``model`` and returning its seconds."""
+    model.train()
+    criterion = SetCriterion(model.cfg.num_classes, HungarianMatcher(), num_decoder_layers=model.cfg.decoder.num_layers)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+
+    def step() -> float:
+        sync()
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        outputs = model(images, targets)
+        losses = criterion(outputs, targets)
+        loss = criterion.total(losses)
+        loss.backward()
+        optimizer.step()
+        sync()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss in {model.cfg.encoder.mode} mode: {float(loss)}")
+        return time.perf_counter() - t0
+
+    return step
+
+
+def train_step_memory_in_this_process(preset: str, mode: str, batch: int, size: tuple[int, int], seed: int = 0,
+                                      device: str = "cpu", lr: float = 1e-4) -> dict[str, Any]:
+    """Peak memory of one training step of ``mode`` (after two unmeasured steps), in MiB; see the module doc."""
+    from .memory import _reset_peak_rss, _status_kb, _trim
+
+    dev = torch.device(device)
+    sync = synchronizer(dev)
+    models, _ = build_mode_models(preset, (mode,), seed, dev)
+    model = models[mode]
+    del models
+    images = make_batch(model, size, batch, seed).to(dev)
+    targets = [{k: v.to(dev) for k, v in t.items()} for t in random_targets(batch, model.cfg.num_classes, seed)]
+    step = _make_stepper(model, images, targets, lr, sync)
+    step()
+    step()
+    _trim()
+    out: dict[str, Any] = {"mode": mode, "size": list(size), "batch": batch, "device": str(dev)}
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        out["step_ms"] = step() * 1000
+        peak = torch.cuda.max_memory_allocated(dev)
+        out.update(method="torch.cuda.max_memory_allocated", peak_mb=peak / 2**20, before_mb=before / 2**20,
+                   increase_mb=(peak - before) / 2**20)
+        return out
+    rss_before = _status_kb("VmRSS")
+    reset = _reset_peak_rss() and rss_before is not None
+    out["step_ms"] = step() * 1000
+    if reset:
+        peak_kb = _status_kb("VmHWM")
+        out.update(method="VmHWM after clear_refs reset (peak RSS during the step)", peak_mb=peak_kb / 1024,
+                   before_mb=rss_before / 1024, increase_mb=(peak_kb - rss_before) / 1024)
+    else:
+        import resource
+
+        out.update(method="ru_maxrss (peak over the process life)", before_mb=None, increase_mb=None,
+                   peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return out
+
+
+def measure_train_step_memory(preset: str, modes: Sequence[str], batch: int, size: tuple[int, int], seed: int = 0,
+                              device: str = "cpu", threads: int | None = None,
+                              timeout: float = 1800.0) -> dict[str, dict[str, Any]]:
+    """:func:`train_step_memory_in_this_process` for each mode in its own fresh Python process."""
+    results: dict[str, dict[str, Any]] = {}
+    for mode in modes:
+        cmd = [sys.executable, "-m", "focus_detr.bench.train_step", "--memory-child", "--preset", preset,
+               "--mode", mode, "--batch", str(batch), "--size", f"{size[0]}x{size[1]}", "--seed", str(seed),
+               "--device", device]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+        except subprocess.TimeoutExpired:
+            results[mode] = {"error": f"timed out after {timeout:.0f} s"}
+            continue
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            results[mode] = {"error": f"exit code {proc.returncode}: {' | '.join(tail)}"}
+            continue
+        results[mode] = json.loads(lines[-1])
+    return results
+
+
 def benchmark_train_step(
     preset: str = "tiny",
-    modes: Sequence[str] = ("focus", "dense"),
+    modes: Sequence[str] = ("focus", "dense", "sparse"),
     batch: int = 2,
     size: tuple[int, int] = (320, 480),
     steps: int = 10,
@@ -38,11 +142,14 @@ def benchmark_train_step(
     device: str = "cpu",
     lr: float = 1e-4,
     backbone_once: bool = False,
+    memory: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Median time of a full training step per mode, steps interleaved across modes (same weights at start,
-    same images and targets every step). Uses :class:`~focus_detr.losses.SetCriterion` with the default
-    :class:`~focus_detr.losses.HungarianMatcher` and ``torch.optim.AdamW`` (weight decay 1e-4)."""
+    same images and targets every step), and with ``memory`` the peak memory of a step per mode (fresh process
+    each, see the module doc). Uses :class:`~focus_detr.losses.SetCriterion` with the default
+    :class:`~focus_detr.losses.HungarianMatcher` and ``torch.optim.AdamW`` (weight decay 1e-4); the images are
+    ``batch`` random images of ``size`` (HxW) with 1-6 random boxes each."""
     say = progress or (lambda _m: None)
     if threads:
         torch.set_num_threads(threads)
@@ -52,29 +159,7 @@ def benchmark_train_step(
     first = models[modes[0]]
     images = make_batch(first, size, batch, seed).to(dev)
     targets = [{k: v.to(dev) for k, v in t.items()} for t in random_targets(batch, first.cfg.num_classes, seed)]
-    steppers: dict[str, Callable[[], float]] = {}
-    for mode in modes:
-        model = models[mode].train()
-        criterion = SetCriterion(model.cfg.num_classes, HungarianMatcher(),
-                                 num_decoder_layers=model.cfg.decoder.num_layers)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-
-        def step(model=model, criterion=criterion, optimizer=optimizer) -> float:
-            sync()
-            t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            outputs = model(images, targets)
-            losses = criterion(outputs, targets)
-            loss = criterion.total(losses)
-            loss.backward()
-            optimizer.step()
-            sync()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss in {model.cfg.encoder.mode} mode: {float(loss)}")
-            return time.perf_counter() - t0
-
-        steppers[mode] = step
+    steppers = {mode: _make_stepper(models[mode], images, targets, lr, sync) for mode in modes}
     names = list(modes)
     for w in range(warmup):
         for name in names:
@@ -93,6 +178,40 @@ def benchmark_train_step(
         med = statistics.median(times[m])
         result["modes"][m] = {"step_ms": med * 1000, "images_per_s": batch / med,
                               "spread": (max(times[m]) - min(times[m])) / med, "ms_all": [t * 1000 for t in times[m]]}
-    if "focus" in names and "dense" in names:
-        result["ratios"] = {"focus/dense": result["modes"]["focus"]["step_ms"] / result["modes"]["dense"]["step_ms"]}
+    result["ratios"] = {f"{m}/dense": result["modes"][m]["step_ms"] / result["modes"]["dense"]["step_ms"]
+                        for m in names if m != "dense" and "dense" in names}
+    if memory:
+        say("train step: peak memory, one fresh process per mode")
+        mem = measure_train_step_memory(preset, names, batch, size, seed, device, torch.get_num_threads())
+        for m in names:
+            result["modes"][m]["memory"] = mem[m]
+        if "dense" in names and "increase_mb" in mem.get("dense", {}):
+            for m in names:
+                if m != "dense" and mem[m].get("increase_mb") and mem["dense"].get("increase_mb"):
+                    result["ratios"][f"{m}/dense memory increase"] = mem[m]["increase_mb"] / mem["dense"]["increase_mb"]
     return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child process of :func:`measure_train_step_memory` (prints one JSON line)."""
+    p = argparse.ArgumentParser(description="peak memory of one training step (child process)")
+    p.add_argument("--memory-child", action="store_true", required=True)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--mode", default="focus")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--size", default="320x480")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    from .models import parse_size
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(json.dumps(train_step_memory_in_this_process(args.preset, args.mode, args.batch, parse_size(args.size),
+                                                       args.seed, args.device)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,7 +11,8 @@ import argparse
 import json
 import sys
 
-from .options import add_device_option, add_quiet_option, add_threads_option, check_device, choose_threads
+from .options import (add_device_option, add_precision_option, add_quiet_option, add_threads_option, check_device,
+                      choose_threads)
 
 EXAMPLE = """\
 examples:
@@ -19,7 +20,19 @@ examples:
   focus-detr benchmark --size 800x1333 --repeats 9 --threads 2 --plot latency.png
   focus-detr benchmark --preset tiny --size 128x160 --repeats 1 --json
   focus-detr benchmark --modes focus,dense --no-memory --no-anchor --train-step
+  focus-detr benchmark --size 800x1333 --modes focus,dense --no-memory --no-anchor --background-load 1
 """
+
+
+def _thread_list(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated thread counts like 1,2, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated thread counts >= 1 like 1,2, got {text!r}")
+    return values
+
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -39,7 +52,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--no-anchor", action="store_true", help="skip the transformers Deformable DETR anchor")
     p.add_argument("--train-step", action="store_true",
-                   help="also time a training step of the tiny preset (focus vs dense), see bench_train_step.py")
+                   help="also time a training step of the tiny preset (focus / dense / sparse at 320x480, batch 2) "
+                        "and its peak memory per mode, see bench_train_step.py")
+    add_precision_option(p)
+    p.add_argument("--no-peak", action="store_true",
+                   help="skip the machine's matmul peak (and the efficiency columns: achieved GFLOP/s per stage "
+                        "as a fraction of it)")
+    p.add_argument("--background-load", type=int, default=0, metavar="N",
+                   help="also measure focus / dense under contention: with each --contention-threads count, "
+                        "quiet and while N busy processes started by the benchmark keep N cores busy (first size)")
+    p.add_argument("--pin-load", action="store_true",
+                   help="pin each --background-load process to one core (the last cores); default: not pinned")
+    p.add_argument("--contention-threads", type=_thread_list, default=[1, 2], metavar="T1,T2",
+                   help="thread counts of the contention measurement (default 1,2)")
     p.add_argument("--msda", metavar="IMPL", default=None,
                    help="deformable attention implementation to select first (see "
                         "focus_detr.ops.ms_deform_attn.available_implementations(); default: leave the current one)")
@@ -74,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--modes takes a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
     if args.repeats < 1 or args.warmup < 0 or args.batch < 1:
         raise CLIError("--repeats and --batch must be >= 1 and --warmup >= 0")
+    if args.background_load < 0:
+        raise CLIError(f"--background-load must be >= 0 processes, got {args.background_load}")
+    if args.background_load and not {"focus", "dense"} <= set(modes):
+        raise CLIError("--background-load compares focus with dense: --modes must include both")
     device = str(check_device(args))  # "auto" -> the device it means here
     threads = None if args.threads is None else choose_threads(args.threads)
 
@@ -89,14 +118,25 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"[benchmark] {msg}", file=sys.stderr, flush=True)
 
-    report = run_benchmark(args.preset, sizes, modes, repeats=args.repeats, warmup=args.warmup, batch=args.batch,
-                           threads=threads, device=device, seed=args.seed, memory=not args.no_memory,
-                           anchor=not args.no_anchor, backbone_once=args.backbone_once,
-                           progress=progress)
+    if args.background_load and device != "cpu":
+        raise CLIError("--background-load measures CPU contention: use --device cpu")
+    try:
+        report = run_benchmark(args.preset, sizes, modes, repeats=args.repeats, warmup=args.warmup, batch=args.batch,
+                               threads=threads, device=device, seed=args.seed, memory=not args.no_memory,
+                               anchor=not args.no_anchor, backbone_once=args.backbone_once, peak=not args.no_peak,
+                               precision=args.precision, progress=progress)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if args.background_load:
+        from ..bench.contention import run_contention
+
+        report["contention"] = run_contention(
+            args.preset, sizes[0], args.background_load, args.pin_load, args.contention_threads, ("focus", "dense"),
+            repeats=args.repeats, warmup=args.warmup, seed=args.seed, progress=progress)
     if args.train_step:
-        progress("training step of the tiny preset, focus vs dense")
-        report["train_step"] = benchmark_train_step("tiny", ("focus", "dense"), threads=threads,
-                                                    device=device, seed=args.seed,
+        progress("training step of the tiny preset, focus / dense / sparse")
+        report["train_step"] = benchmark_train_step("tiny", ("focus", "dense", "sparse"), threads=threads,
+                                                    device=device, seed=args.seed, memory=not args.no_memory,
                                                     backbone_once=args.backbone_once, progress=progress)
     if args.output:
         with open(args.output, "w") as f:

@@ -137,6 +137,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "a live stream otherwise runs until Ctrl+C)")
     p.add_argument("--max-download-mb", type=positive_float, default=200.0,
                    help="URLs: refuse downloads larger than this (default 200)")
+    p.add_argument("--keep-ratio", type=float, default=None, metavar="R",
+                   help="speed knob: foreground keep ratio of the encoder in (0, 1] (default: the model's, 0.5 "
+                        "in the paper); lower is faster, see focus_detr.model.knobs.with_keep_ratio")
     add_model_options(p)
     add_runtime_options(p, quiet_help="no progress bar and no model line on stderr")
     add_precision_option(p)
@@ -157,7 +160,22 @@ def run(args: argparse.Namespace) -> int:
         detail = "\n  ".join(str(p) for p in problems)
         raise CLIError(f"no images or videos found in the inputs:\n  {detail}")
     _check_video_support(items)
+    if args.keep_ratio is not None:  # the range now, before loading; the encoder mode once the model is there
+        from ..model.knobs import check_keep_ratio
+
+        try:
+            check_keep_ratio(args.keep_ratio)
+        except ValueError as e:
+            raise CLIError(f"--keep-ratio: {e}") from None
     model, description = model_from_args(args, weights)
+    if args.keep_ratio is not None:
+        from ..model.knobs import with_keep_ratio
+
+        try:
+            with_keep_ratio(model, args.keep_ratio)
+        except ValueError as e:
+            raise CLIError(f"--keep-ratio: {e}") from None
+        description += f", keep ratio {model.cfg.encoder.keep_ratio:g}"
     model = apply_precision(model, args.precision)
     description += f", {args.precision}"
     counts = {kind: sum(it.kind == kind for it in items) for kind in ("image", "video", "url", "stream")}

@@ -49,27 +49,51 @@ def plan_token_selection(
     # float32 products truncated to int, exactly as the official code computes them.
     token_counts = (valid_counts.to(torch.float32) * keep_ratio).int() + 1
     token_counts = torch.minimum(token_counts, valid_counts.to(torch.int32).clamp(min=1))
+    from .selection import StableSelectionPolicy
+
+    # All budgets in one small host computation (one device->host copy instead of one per layer).
+    counts_host = token_counts.to(torch.float32).cpu()
     ratio_t = torch.tensor(ratios, dtype=torch.float32)
+    if per_image:
+        limits = (ratio_t[:, None] * counts_host[None, :]).int()  # [layers, B], float32 products as official
+        ks = limits.max(1).values.tolist() if len(ratios) else []
+    else:
+        biggest = int(counts_host.max()) if counts_host.numel() else 0
+        ks = [int(r * biggest) for r in ratio_t]
+        limits = None
+    ks = [min(k, scores.shape[1]) for k in ks]
+    # The stable policy's top-k of every layer is a prefix of one stable descending sort of the same scores:
+    # sort once instead of once per layer (same indices, exactly). Other policies decide per layer.
+    shared_order = None
+    if type(policy) is StableSelectionPolicy and ks and max(ks) > 0:
+        shared_order = policy.foreground(scores, max(ks), 0)
+    positions = torch.arange(max(ks, default=0), device=scores.device)[None, :]
+    limits_dev = limits.to(scores.device) if limits is not None else token_counts.to(scores.device)
     indices, write_back = [], []
-    for layer, ratio in enumerate(ratio_t):
-        if per_image:
-            per_image_k = (ratio * token_counts.to(torch.float32).cpu()).int().to(scores.device)
-            k = int(per_image_k.max())
-            limit = per_image_k
+    for layer, k in enumerate(ks):
+        if k == 0:
+            idx = scores.new_zeros(scores.shape[0], 0, dtype=torch.long)
+        elif shared_order is not None:
+            idx = shared_order[:, :k]
         else:
-            k = int(ratio * int(token_counts.max()))
-            limit = token_counts
-        k = min(k, scores.shape[1])
-        idx = policy.foreground(scores, k, layer) if k > 0 else scores.new_zeros(scores.shape[0], 0, dtype=torch.long)
+            idx = policy.foreground(scores, k, layer)
         indices.append(idx)
-        write_back.append(torch.arange(k, device=scores.device)[None, :] < limit.to(scores.device)[:, None])
+        limit = limits_dev[layer] if limits is not None else limits_dev
+        write_back.append(positions[:, :k] < limit[:, None])
     return TokenSelection(indices, write_back, token_counts)
 
 
 def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     """``x [B, N, ...]``, ``index [B, K]`` -> ``[B, K, ...]``."""
-    expanded = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
-    return torch.gather(x, 1, expanded)
+    # Whole rows by index_select, not torch.gather with the index expanded over the trailing dims: on CPU the
+    # element-wise gather of [K, 256] rows is ~20x slower (27 ms vs 1.4 ms for K = 11112 of N = 22223 on one
+    # EPYC core) and slower still with 2 threads, where index_select copies contiguous rows. Same values.
+    if x.shape[0] == 1:
+        return x[0].index_select(0, index[0]).unsqueeze(0)
+    batch, n = x.shape[0], x.shape[1]
+    offsets = torch.arange(batch, device=index.device)[:, None] * n
+    rows = x.reshape(batch * n, *x.shape[2:]).index_select(0, (index + offsets).flatten())
+    return rows.view(batch, index.shape[1], *x.shape[2:])
 
 
 class EncoderLayer(nn.Module):
