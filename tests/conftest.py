@@ -1,9 +1,59 @@
-"""Shared fixtures."""
+"""Shared fixtures, and how the suite runs in parallel.
+
+``make test`` runs the suite with pytest-xdist (``-n auto --dist loadgroup``: one worker per core, at most
+4). Three rules keep that fast and the tests independent:
+
+* CPU threads: with N workers on C cores each worker (and every process it starts, through
+  ``OMP_NUM_THREADS``) gets C // N torch threads, so the workers do not fight over the cores. A test that
+  changes torch's thread count gets it back afterwards (a module's fixtures: after the module).
+* One worker per module with shared artefacts: the tests of a module whose module- or class-scoped
+  fixtures build something (a trained run, an exported ONNX file, a dataset) run on one worker, so the
+  fixture is built once and not torn down and rebuilt in between.
+* Timing-sensitive process tests (signals, SIGKILL crash safety, DDP ranks, Ctrl-C) run one after another on
+  one worker (TIMING_SENSITIVE), never two of them at once.
+
+Work units start longest first (EXPECTED_SECONDS) so that no long unit starts last and leaves one worker
+idle at the end. Without xdist (``pytest tests/test_x.py``) none of this changes anything but the thread
+restore.
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _threads_per_worker() -> int | None:
+    """Torch threads for each xdist worker, None when not running under xdist."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if not os.environ.get("PYTEST_XDIST_WORKER") or workers < 1:
+        return None
+    return max(1, _cores() // workers)
+
+
+WORKER_THREADS = _threads_per_worker()
+if WORKER_THREADS is not None:
+    torch.set_num_threads(WORKER_THREADS)
+    # Inherited by the command-line processes the tests start (torch reads it at start-up). A value the
+    # caller set is kept.
+    os.environ.setdefault("OMP_NUM_THREADS", str(WORKER_THREADS))
+
+# Test files whose tests time or signal real processes: they run one after another on one worker.
+TIMING_SENSITIVE = {"test_signals.py", "test_crash_safety.py", "test_ddp.py", "test_reliability.py"}
+
+# Rough seconds per work unit on a quiet 2-core machine (a module grouped on one worker, or a single slow
+# test), measured with --durations; only the order in which units start depends on it.
+EXPECTED_SECONDS: dict[str, float] = {}
 
 
 @pytest.fixture
@@ -14,3 +64,71 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_torch_threads_after_module():
+    """A module fixture that sets torch's threads (e.g. to run as the official code did) must not change
+    them for the modules that run after it on the same worker."""
+    previous = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != previous:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """The same for a test (an in-process ``main([..., "--threads", "1"])`` sets them for the process)."""
+    previous = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != previous:
+        torch.set_num_threads(previous)
+
+
+def _shares_artefacts(item: pytest.Item) -> bool:
+    """Whether the test uses a module- or class-scoped fixture defined in a test module (not in conftest.py:
+    those are this file's thread guards)."""
+    info = getattr(item, "_fixtureinfo", None)
+    for name in info.names_closure if info is not None else ():
+        for fixturedef in info.name2fixturedefs.get(name, ()):
+            if fixturedef.scope not in ("module", "class"):
+                continue
+            node = getattr(fixturedef, "node", None)
+            if isinstance(node, (pytest.Module, pytest.Class)) or (node is None and ".py" in fixturedef.baseid
+                                                                     and "conftest" not in fixturedef.baseid):
+                return True
+    return False
+
+
+def _unit(item: pytest.Item) -> str | None:
+    """The xdist group of a test (None: it may run on any worker)."""
+    name = item.path.name
+    if name in TIMING_SENSITIVE:
+        return "timing_sensitive"
+    if _shares_artefacts(item):
+        return name.removesuffix(".py")
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    keys: dict[str, str] = {}
+    for item in items:
+        unit = _unit(item)
+        if unit is not None and not any(m.name == "xdist_group" for m in item.iter_markers()):
+            item.add_marker(pytest.mark.xdist_group(unit))
+        keys[item.nodeid] = unit or item.nodeid
+    seconds: dict[str, float] = {}
+    for item in items:
+        key = keys[item.nodeid]
+        seconds[key] = seconds.get(key, 0.0) + _expected_seconds(item)
+    # Longest work units first; the rest keep their collection order (a stable sort).
+    items.sort(key=lambda item: -seconds[keys[item.nodeid]])
+
+
+def _expected_seconds(item: pytest.Item) -> float:
+    name = item.path.name
+    test = item.nodeid.split("::", 1)[-1]
+    return EXPECTED_SECONDS.get(f"{name}::{test}", EXPECTED_SECONDS.get(f"{name}::{test.split('[')[0]}", 0.0))
