@@ -51,9 +51,19 @@ if WORKER_THREADS is not None:
 # Test files whose tests time or signal real processes: they run one after another on one worker.
 TIMING_SENSITIVE = {"test_signals.py", "test_crash_safety.py", "test_ddp.py", "test_reliability.py"}
 
-# Rough seconds per work unit on a quiet 2-core machine (a module grouped on one worker, or a single slow
-# test), measured with --durations; only the order in which units start depends on it.
-EXPECTED_SECONDS: dict[str, float] = {}
+# Rough seconds of the longest work units on a quiet 2-core machine: a group (TIMING_SENSITIVE, or a test
+# module's name for a module grouped by its fixtures) or a single test ("file::test", parameters left out,
+# seconds per parametrised case). Only the order in which units start depends on it: units not listed keep
+# their collection order after the listed ones.
+EXPECTED_SECONDS: dict[str, float] = {
+    "timing_sensitive": 200, "test_onnx": 90, "test_run_folder": 60, "test_cli_train": 50, "test_bench": 40,
+    "test_cli_tools": 40, "test_cli_predict": 40, "test_data_layouts": 30, "test_weights_kinds": 30,
+    "test_parity": 30, "test_resume": 20, "test_engine": 20,
+    "test_docs_examples.py::test_docs_examples_run": 25, "test_compare_modes.py::test_compare_modes_end_to_end": 40,
+    "test_cli_train.py::test_demo_end_to_end_small": 25,
+    "test_cli_train.py::test_demo_set_changes_the_model_and_rejects_unknown_options": 15,
+    "test_overfit.py::test_tiny_model_overfits_four_images": 20,
+}
 
 
 @pytest.fixture
@@ -114,21 +124,16 @@ def _unit(item: pytest.Item) -> str | None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    keys: dict[str, str] = {}
-    for item in items:
-        unit = _unit(item)
-        if unit is not None and not any(m.name == "xdist_group" for m in item.iter_markers()):
-            item.add_marker(pytest.mark.xdist_group(unit))
-        keys[item.nodeid] = unit or item.nodeid
+    unit_of: dict[str, str] = {}
     seconds: dict[str, float] = {}
     for item in items:
-        key = keys[item.nodeid]
-        seconds[key] = seconds.get(key, 0.0) + _expected_seconds(item)
-    # Longest work units first; the rest keep their collection order (a stable sort).
-    items.sort(key=lambda item: -seconds[keys[item.nodeid]])
-
-
-def _expected_seconds(item: pytest.Item) -> float:
-    name = item.path.name
-    test = item.nodeid.split("::", 1)[-1]
-    return EXPECTED_SECONDS.get(f"{name}::{test}", EXPECTED_SECONDS.get(f"{name}::{test.split('[')[0]}", 0.0))
+        group = _unit(item)
+        if group is not None and not any(m.name == "xdist_group" for m in item.iter_markers()):
+            item.add_marker(pytest.mark.xdist_group(group))
+        unit = unit_of[item.nodeid] = group or item.nodeid
+        if group is not None:
+            seconds[unit] = EXPECTED_SECONDS.get(group, 0.0)
+        else:
+            seconds[unit] = EXPECTED_SECONDS.get(f"{item.path.name}::{item.name.split('[')[0]}", 0.0)
+    # Longest work units first; the others keep their collection order (a stable sort).
+    items.sort(key=lambda item: -seconds[unit_of[item.nodeid]])
