@@ -6,12 +6,13 @@
 * CPU threads: with N workers on C cores each worker (and every process it starts, through
   ``OMP_NUM_THREADS``) gets C // N torch threads, so the workers do not fight over the cores. A test that
   changes torch's thread count gets it back afterwards (a module's fixtures: after the module).
-* One worker per module with shared artefacts: the tests of a module whose module- or class-scoped
-  fixtures build something (a trained run, an exported ONNX file, a dataset) run on one worker, so the
-  fixture is built once and not torn down and rebuilt in between.
+* One worker per file with shared artefacts: the tests of a file that defines module- or class-scoped
+  fixtures (a trained run, an exported ONNX file, a dataset) run on one worker, one after another, so each
+  such fixture is built once.
 * Timing-sensitive process tests (signals, SIGKILL crash safety, DDP ranks, Ctrl-C) run one after another on
   one worker (TIMING_SENSITIVE), never two of them at once.
 
+The units are formed by this file's scheduler (pytest_xdist_make_scheduler) from the node ids alone.
 Work units start longest first (EXPECTED_SECONDS) so that no long unit starts last and leaves one worker
 idle at the end. Without xdist (``pytest tests/test_x.py``) none of this changes anything but the thread
 restore.
@@ -19,7 +20,9 @@ restore.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -95,45 +98,61 @@ def _restore_torch_threads():
         torch.set_num_threads(previous)
 
 
-def _shares_artefacts(item: pytest.Item) -> bool:
-    """Whether the test uses a module- or class-scoped fixture defined in a test module (not in conftest.py:
-    those are this file's thread guards)."""
-    info = getattr(item, "_fixtureinfo", None)
-    for name in info.names_closure if info is not None else ():
-        for fixturedef in info.name2fixturedefs.get(name, ()):
-            if fixturedef.scope not in ("module", "class"):
-                continue
-            node = getattr(fixturedef, "node", None)
-            if isinstance(node, (pytest.Module, pytest.Class)) or (node is None and ".py" in fixturedef.baseid
-                                                                     and "conftest" not in fixturedef.baseid):
-                return True
-    return False
+_SHARED_FIXTURE = re.compile(r"@pytest\.fixture\([^)]*scope=[\"'](module|class|package)[\"']")
 
 
-def _unit(item: pytest.Item) -> str | None:
-    """The xdist group of a test (None: it may run on any worker)."""
-    name = item.path.name
+@functools.lru_cache(maxsize=None)
+def _file_shares_artefacts(path: str) -> bool:
+    """Whether a test file defines a module-, class- or package-scoped fixture."""
+    try:
+        return _SHARED_FIXTURE.search(Path(path).read_text(encoding="utf-8")) is not None
+    except OSError:
+        return False
+
+
+def work_unit(nodeid: str, rootdir: Path) -> str:
+    """The unit of work a test belongs to: the tests of one unit run on one worker, one after another.
+
+    An explicit ``xdist_group`` suffix (``...@name``) wins; then the TIMING_SENSITIVE files share one unit;
+    a file with module/class-scoped fixtures is one unit; any other test is a unit of its own."""
+    if nodeid.rfind("@") > nodeid.rfind("]"):
+        return nodeid.rsplit("@", 1)[-1]
+    file = nodeid.split("::", 1)[0]
+    name = Path(file).name
     if name in TIMING_SENSITIVE:
         return "timing_sensitive"
-    if _shares_artefacts(item):
+    if _file_shares_artefacts(str(rootdir / file)):
         return name.removesuffix(".py")
-    return None
+    return nodeid
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadgroup`` with the units of :func:`work_unit`. xdist's own grouping (an ``xdist_group`` mark
+    appended to the node id on the workers) has no effect with pytest 9, which no longer reads ``_nodeid``;
+    this scheduler needs only the node ids that the workers report."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    rootdir = Path(config.rootpath)
+
+    class WorkUnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid, rootdir)
+
+    return WorkUnitScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On xdist workers: the longest units first (EXPECTED_SECONDS), the others in collection order. The
+    scheduler hands units out in the order the workers collected them."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    unit_of: dict[str, str] = {}
+    rootdir = Path(config.rootpath)
+    unit_of = {item.nodeid: work_unit(item.nodeid, rootdir) for item in items}
     seconds: dict[str, float] = {}
     for item in items:
-        group = _unit(item)
-        if group is not None and not any(m.name == "xdist_group" for m in item.iter_markers()):
-            item.add_marker(pytest.mark.xdist_group(group))
-        unit = unit_of[item.nodeid] = group or item.nodeid
-        if group is not None:
-            seconds[unit] = EXPECTED_SECONDS.get(group, 0.0)
-        else:
-            seconds[unit] = EXPECTED_SECONDS.get(f"{item.path.name}::{item.name.split('[')[0]}", 0.0)
-    # Longest work units first; the others keep their collection order (a stable sort).
-    items.sort(key=lambda item: -seconds[unit_of[item.nodeid]])
+        unit = unit_of[item.nodeid]
+        key = unit if unit != item.nodeid else f"{item.path.name}::{item.name.split('[')[0]}"
+        seconds[unit] = max(seconds.get(unit, 0.0), EXPECTED_SECONDS.get(key, 0.0))
+    items.sort(key=lambda item: -seconds[unit_of[item.nodeid]])  # stable: ties keep the collection order
