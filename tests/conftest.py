@@ -63,7 +63,8 @@ EXPECTED_SECONDS: dict[str, float] = {
     "test_cli_predict": 40, "test_cli_tools": 40, "test_weights_kinds": 20, "test_inputs": 20, "test_bench": 20,
     "test_evaluation": 20, "test_hostile_inputs": 15, "test_data_layouts": 15,
     "test_weights_download.py::test_official_zip_from_the_parity_fixture": 22,
-    "test_compare_modes.py::test_compare_modes_end_to_end": 16, "test_overfit.py::test_tiny_model_overfits_four_images": 16,
+    "test_compare_modes.py::test_compare_modes_end_to_end": 16,
+    "test_overfit.py::test_tiny_model_overfits_four_images": 16,
 }
 
 
