@@ -18,8 +18,12 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/focus-detr demo --out runs/demo
 
+# In parallel (pytest-xdist): one worker per core, at most 4; tests/conftest.py gives each worker its share of
+# the cores and keeps modules with shared fixtures and the timing-sensitive process tests on one worker each.
+# TEST_WORKERS=0 runs everything in this one process.
+TEST_WORKERS ?= auto
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadgroup --no-loadscope-reorder --durations=25 tests
 
 bench: setup
 	$(PY) benchmarks/run_all.py

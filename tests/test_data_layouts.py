@@ -1,5 +1,7 @@
 """Dataset layouts: COCO, Roboflow COCO, YOLO, Pascal VOC and explicit jsons read the same data, train and
-evaluate end to end through the console script; a folder that matches nothing is refused with the trees."""
+evaluate end to end through the command line (YOLO through the console script, the others through
+``focus_detr.cli.main.main`` in this process: the same code without a new Python importing torch); a folder
+that matches nothing is refused with the trees."""
 
 from __future__ import annotations
 
@@ -28,6 +30,16 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def ok(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
+
+
+def run_here(capsys, *args: str) -> str:
+    """``focus-detr ARGS`` in this process; returns stdout, failing with the output on a non-zero exit."""
+    from focus_detr.cli.main import main
+
+    code = main(list(args))
+    captured = capsys.readouterr()
+    assert code == 0, f"exit {code}\n{captured.out}\n{captured.err}"
+    return captured.out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,8 +240,12 @@ TRAIN_ARGS = ("--preset", "tiny", "--schedule", "none", "--max-iters", "2", "--b
 
 
 @pytest.mark.parametrize("layout", ["roboflow", "yolo", "voc", "explicit"])
-def test_train_and_eval_end_to_end_on_each_layout(layouts, layout, tmp_path):
+def test_train_and_eval_end_to_end_on_each_layout(layouts, layout, tmp_path, capsys):
     root = layouts["root"]
+
+    def command(*args: str) -> str:
+        return ok(run_cli(*args)) if layout == "yolo" else run_here(capsys, *args)
+
     if layout == "explicit":
         data_args = ["--train-json", str(root / "coco" / "annotations" / "instances_train.json"),
                      "--train-images", str(root / "coco" / "images" / "train"),
@@ -239,7 +255,7 @@ def test_train_and_eval_end_to_end_on_each_layout(layouts, layout, tmp_path):
                      "--images", str(root / "coco" / "images" / "val")]
     else:
         data_args = eval_args = ["--data", str(root / layout)]
-    out = ok(run_cli("train", *data_args, "--out", str(tmp_path / "run"), *TRAIN_ARGS))
+    out = command("train", *data_args, "--out", str(tmp_path / "run"), *TRAIN_ARGS)
     assert "done: 2 iterations" in out and "val: AP" in out  # evaluated on the layout's val split
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     names = config["resolved"]["class_names"]
@@ -250,8 +266,8 @@ def test_train_and_eval_end_to_end_on_each_layout(layouts, layout, tmp_path):
     assert len(names) == (7 if layout == "roboflow" else 6)
     if layout in ("roboflow", "voc"):
         return  # the `eval` command's dataset path is the one training used; checked on the other two
-    out = ok(run_cli("eval", str(tmp_path / "run" / "model_final.pth"), *eval_args, "--out", str(tmp_path / "ev"),
-                     "--no-progress"))
+    out = command("eval", str(tmp_path / "run" / "model_final.pth"), *eval_args, "--out", str(tmp_path / "ev"),
+                  "--no-progress")
     assert "val: AP" in out
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert set(metrics["per_class"]) == set(names)
