@@ -61,12 +61,13 @@ def ms_deform_attn_reference(
     """
     batch, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
-    value_per_level = value.split(sizes, dim=1)
+    # Read once; no int() on the values: under torch.export they are symbolic sizes (traced, not frozen).
+    shapes = spatial_shapes.tolist()
+    value_per_level = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample works on [-1, 1] coordinates.
     grids = 2 * sampling_locations - 1
     sampled_per_level = []
-    for level, (h, w) in enumerate(spatial_shapes.tolist()):
+    for level, (h, w) in enumerate(shapes):
         # [B, H_l*W_l, heads, D] -> [B*heads, D, H_l, W_l]
         value_l = value_per_level[level].flatten(2).transpose(1, 2).reshape(batch * num_heads, head_dim, h, w)
         # [B, Q, heads, P, 2] -> [B*heads, Q, P, 2]
