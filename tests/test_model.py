@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import focus_detr
+from focus_detr.model.batching import OFFICIAL
 from focus_detr.model.denoising import build_attention_mask, prepare_denoising
 from focus_detr.model.encoder import plan_token_selection
 from focus_detr.model.selection import STABLE_POLICY
@@ -66,7 +67,7 @@ def test_cascade_counts_per_image_and_padding_never_selected(tiny):
 def test_plan_token_selection_official_budget():
     scores = torch.randn(2, 1000)
     valid = torch.tensor([1000, 700])
-    sel = plan_token_selection(scores, valid, 0.5, (1.0, 0.8, 0.2), per_image=False, policy=STABLE_POLICY)
+    sel = plan_token_selection(scores, valid, 0.5, (1.0, 0.8, 0.2), batching=OFFICIAL, policy=STABLE_POLICY)
     assert sel.token_counts.tolist() == [501, 351]
     assert [i.shape[1] for i in sel.indices] == [501, 400, 100]
     # The smaller image writes back at most its own budget.

@@ -1,29 +1,24 @@
 """ONNX export of Focus-DETR with a dynamic input size.
 
-:class:`ExportableFocusDETR` is the model's own forward for **one un-padded image** (batch 1, eval mode,
-:data:`~focus_detr.model.batching.UNPADDED` batch semantics, the deformable-attention reference core),
-followed by the model's own detection selection; nothing of the model is restated here. The stages read level
-sizes from the feature maps' (symbolic) shapes and the token budgets become graph values, so the token
-budgets, the number of tokens and of queries follow the image size. A ``batch_mode="official"`` model is
-exported with the batch-invariant single-image maths (equal to the official mode up to float rounding).
+:class:`ExportableFocusDETR` is the model's own forward for **one un-padded image** (batch 1, eval mode, the
+:data:`~focus_detr.model.batching.UNPADDED` batch semantics, the reference deformable-attention core) followed
+by the model's own top-K detection selection: nothing of the model is restated here. Level sizes come from the
+feature maps' symbolic shapes and the token budgets are graph values, so tokens, budgets and queries follow
+the image size. A ``batch_mode="official"`` model is exported with the batch-invariant single-image maths.
 
-Inputs and outputs (``B = 1``; ``H``, ``W`` dynamic, each between :data:`MIN_SIZE` and :data:`MAX_SIZE`):
-
-* ``image [1, 3, H, W]`` float32 RGB 0..255, already resized by the test-time rule;
-* ``logits [1, Q, C]``, ``boxes [1, Q, 4]``: the final decoder layer (sigmoid cxcywh, normalised);
-* ``scores [1, K]`` (descending), ``labels [1, K]``, ``boxes_xyxy [1, K, 4]`` (pixels of ``image``, clipped),
-  ``query_indices [1, K]``: the top ``K = min(num_detections, Q * C)`` detections.
-
-Scaling to the original photo and the score threshold are left to the caller (:class:`OnnxDetector`). The
-config is stored in the file's metadata (``focus_detr_config``). The exporter is torch's dynamo-based
-``torch.onnx.export(..., dynamo=True)`` (optional packages ``onnx`` and ``onnxscript``; ``onnxruntime`` runs
-the result).
+Input ``image [1, 3, H, W]`` float32 RGB 0..255 (resized by the test-time rule; each side in
+:data:`MIN_SIZE`..:data:`MAX_SIZE`). Outputs: ``logits [1, Q, C]`` and ``boxes [1, Q, 4]`` (final decoder
+layer, sigmoid cxcywh) and the top ``K = min(num_detections, Q * C)`` detections: ``scores [1, K]``
+(descending), ``labels [1, K]``, ``boxes_xyxy [1, K, 4]`` (pixels of ``image``, clipped), ``query_indices
+[1, K]``. The config is stored in the metadata (``focus_detr_config``); :class:`OnnxDetector` runs the file.
+Needs ``onnx`` + ``onnxscript`` (torch's dynamo-based exporter) and ``onnxruntime`` to run it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import io
 import json
 import logging
@@ -35,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -44,9 +38,8 @@ from ..model.detector import FocusDETR
 from ..model.postprocess import boxes_to_pixels, select_detections
 from ..ops import ms_deform_attn as msda
 from ..ops.images import ImageBatch
-from .verify import compare_with_pytorch, onnx_session, require
 
-#: ONNX opset the graph is written for (GridSample needs >= 16; TopK with a graph-computed K is opset >= 10).
+#: ONNX opset of the graph (GridSample needs >= 16).
 DEFAULT_OPSET = 18
 #: Smallest input side: every one of the 4 levels (stride 64) keeps >= 1 cell and every layer >= 1 token.
 MIN_SIZE = 65
@@ -58,6 +51,15 @@ OUTPUT_NAMES = ["logits", "boxes", "scores", "labels", "boxes_xyxy", "query_indi
 
 class OnnxExportError(RuntimeError):
     """Export is not possible for this model or environment (the message says why)."""
+
+
+def require(module: str, purpose: str) -> Any:
+    """Import an optional dependency or explain how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{purpose} needs the optional package {module!r}: pip install 'focus-detr[onnx]' "
+                          f"(or pip install onnx onnxscript onnxruntime)") from e
 
 
 class ExportableFocusDETR(nn.Module):
@@ -148,6 +150,8 @@ def export_onnx(model: FocusDETR, path: str | os.PathLike[str], opset: int = DEF
     program.save(out, external_data=False)
     report = ExportReport(out, opset, (h, w), 0.0, out.stat().st_size)
     if verify_sizes:
+        from .runtime import compare_with_pytorch  # runtime.py imports this module
+
         report.checks = compare_with_pytorch(cpu_model, out, verify_sizes)
     report.seconds = time.perf_counter() - start
     return report
@@ -182,54 +186,3 @@ def check_size(h: int, w: int) -> None:
     """Raise ``ValueError`` unless ``h x w`` is an input size the exported graph takes."""
     if not (MIN_SIZE <= h <= MAX_SIZE and MIN_SIZE <= w <= MAX_SIZE):
         raise ValueError(f"the exported graph takes inputs of {MIN_SIZE}..{MAX_SIZE} pixels per side, got {h}x{w}")
-
-
-class OnnxDetector:
-    """Runs an exported file with onnxruntime: ``OnnxDetector("model.onnx").predict(image) -> Detections``.
-
-    The config stored in the file gives the test-time resize and the class names; boxes are returned in
-    pixels of the original image, as :meth:`FocusDETR.predict` does.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        from ..config import config_from_dict
-
-        onnx = require("onnx", "reading an exported ONNX file's metadata")
-        self.path = Path(path)
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        if "focus_detr_config" not in meta:
-            raise ValueError(f"{path}: not exported by focus-detr (no focus_detr_config metadata)")
-        self.cfg = config_from_dict(json.loads(meta["focus_detr_config"]))
-        self.session = onnx_session(path)
-
-    def prepare(self, image: Any) -> tuple[np.ndarray, tuple[int, int]]:
-        """Image (path, PIL, array) -> (``[1, 3, h, w]`` float32 network input, original ``(H, W)``)."""
-        from ..ops.image_io import resize_shortest_edge, to_rgb_array
-
-        array = to_rgb_array(image)
-        resized = resize_shortest_edge(array, self.cfg.test_short_side, self.cfg.test_max_size)
-        check_size(*resized.shape[:2])
-        return np.ascontiguousarray(resized.transpose(2, 0, 1)[None], dtype=np.float32), array.shape[:2]
-
-    def run(self, network_input: np.ndarray) -> dict[str, np.ndarray]:
-        """Raw outputs (see the module docstring) for a prepared ``[1, 3, h, w]`` input."""
-        return dict(zip(OUTPUT_NAMES, self.session.run(None, {"image": network_input})))
-
-    def predict(self, image: Any, score_threshold: float = 0.0, max_detections: int | None = None):
-        """Detections in original-image pixels (a :class:`~focus_detr.model.Detections`)."""
-        from ..model import Detections
-
-        x, (orig_h, orig_w) = self.prepare(image)
-        out = self.run(x)
-        h, w = x.shape[2:]
-        scale = np.array([orig_w / w, orig_h / h, orig_w / w, orig_h / h], dtype=np.float32)
-        boxes = out["boxes_xyxy"][0] * scale
-        keep = (out["scores"][0] >= score_threshold) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        if max_detections is not None:
-            keep &= np.arange(keep.size) < max_detections
-        labels = out["labels"][0][keep]
-        names = self.cfg.class_names
-        return Detections(torch.from_numpy(boxes[keep]), torch.from_numpy(out["scores"][0][keep]),
-                          torch.from_numpy(labels.astype(np.int64)),
-                          [names[i] if names is not None else str(i) for i in labels.tolist()],
-                          torch.from_numpy(out["query_indices"][0][keep].astype(np.int64)))

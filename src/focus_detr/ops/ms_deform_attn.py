@@ -12,12 +12,11 @@ Implementations and how one is chosen (visible, never silent):
   formulation with a hand-written backward; same contract, equal to the reference up to float rounding
   (tested in float64 and with ``gradcheck`` in ``tests/test_ms_deform_attn.py``).
 * ``"auto"`` (the default): per call, by the device of ``value``, following :data:`AUTO_RULE`:
-  ``"fast"`` on CPU, where ``benchmarks/bench_msda.py`` measured it 9-12x faster forward and ~5x faster
-  forward+backward at the 800x1333 encoder shapes (dense and focus), 2.7x / 2.2x at the decoder shape
-  (2-core AMD EPYC, 2 threads), with a fifth of the reference's peak memory; ``"reference"`` on every
-  other device. One caveat: it runs 2-3x more (smaller) multi-threaded ops, so on a CPU oversubscribed by
-  other processes, where every parallel region waits for a descheduled thread, its advantage shrinks and
-  at the decoder shape it was measured slower (see the benchmark's notes). CUDA stays on the reference
+  ``"fast"`` on CPU, where ``benchmarks/bench_msda.py`` measured it several times faster than the reference
+  at the encoder and decoder shapes, with a fraction of its peak memory (figures: benchmarks/RESULTS.md);
+  ``"reference"`` on every other device. One caveat: it runs more (smaller) multi-threaded ops, so on a CPU
+  oversubscribed by other processes, where every parallel region waits for a descheduled thread, its
+  advantage shrinks (see the benchmark's notes). CUDA stays on the reference
   because no GPU was available to measure when this rule was set: there ``grid_sample`` is one fused
   kernel per level, while the fast path's advantages (channels-last rows, no broadcast multiply over a
   16-wide inner dimension) are CPU-cache arguments. Change the rule only with a measurement

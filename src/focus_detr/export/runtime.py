@@ -1,28 +1,23 @@
-"""Running an exported ONNX file with onnxruntime and checking it against the PyTorch model."""
+"""Running an exported ONNX file with onnxruntime (:class:`OnnxDetector`) and checking it against the
+PyTorch model (:func:`compare_with_pytorch`)."""
 
 from __future__ import annotations
 
-import importlib
+import json
 import os
+from pathlib import Path
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from .onnx import OUTPUT_NAMES, check_size, require
+
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
 
     from ..model.detector import FocusDETR
-
-
-def require(module: str, purpose: str) -> Any:
-    """Import an optional dependency or explain how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(f"{purpose} needs the optional package {module!r}: pip install 'focus-detr[onnx]' "
-                          f"(or pip install onnx onnxscript onnxruntime)") from e
 
 
 def onnx_session(path: str | os.PathLike[str]) -> "onnxruntime.InferenceSession":
@@ -82,3 +77,54 @@ def detections_agree(scores: np.ndarray, labels: np.ndarray, boxes: np.ndarray, 
         if ref_labels[j] != labels[i] or np.abs(ref_boxes[j] - boxes[i]).max() > box_atol:
             return False
     return True
+
+
+class OnnxDetector:
+    """Runs an exported file with onnxruntime: ``OnnxDetector("model.onnx").predict(image) -> Detections``.
+
+    The config stored in the file gives the test-time resize and the class names; boxes are returned in
+    pixels of the original image, as :meth:`FocusDETR.predict` does.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        from ..config import config_from_dict
+
+        onnx = require("onnx", "reading an exported ONNX file's metadata")
+        self.path = Path(path)
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        if "focus_detr_config" not in meta:
+            raise ValueError(f"{path}: not exported by focus-detr (no focus_detr_config metadata)")
+        self.cfg = config_from_dict(json.loads(meta["focus_detr_config"]))
+        self.session = onnx_session(path)
+
+    def prepare(self, image: Any) -> tuple[np.ndarray, tuple[int, int]]:
+        """Image (path, PIL, array) -> (``[1, 3, h, w]`` float32 network input, original ``(H, W)``)."""
+        from ..ops.image_io import resize_shortest_edge, to_rgb_array
+
+        array = to_rgb_array(image)
+        resized = resize_shortest_edge(array, self.cfg.test_short_side, self.cfg.test_max_size)
+        check_size(*resized.shape[:2])
+        return np.ascontiguousarray(resized.transpose(2, 0, 1)[None], dtype=np.float32), array.shape[:2]
+
+    def run(self, network_input: np.ndarray) -> dict[str, np.ndarray]:
+        """Raw outputs (see the module docstring) for a prepared ``[1, 3, h, w]`` input."""
+        return dict(zip(OUTPUT_NAMES, self.session.run(None, {"image": network_input})))
+
+    def predict(self, image: Any, score_threshold: float = 0.0, max_detections: int | None = None):
+        """Detections in original-image pixels (a :class:`~focus_detr.model.Detections`)."""
+        from ..model import Detections
+
+        x, (orig_h, orig_w) = self.prepare(image)
+        out = self.run(x)
+        h, w = x.shape[2:]
+        scale = np.array([orig_w / w, orig_h / h, orig_w / w, orig_h / h], dtype=np.float32)
+        boxes = out["boxes_xyxy"][0] * scale
+        keep = (out["scores"][0] >= score_threshold) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        if max_detections is not None:
+            keep &= np.arange(keep.size) < max_detections
+        labels = out["labels"][0][keep]
+        names = self.cfg.class_names
+        return Detections(torch.from_numpy(boxes[keep]), torch.from_numpy(out["scores"][0][keep]),
+                          torch.from_numpy(labels.astype(np.int64)),
+                          [names[i] if names is not None else str(i) for i in labels.tolist()],
+                          torch.from_numpy(out["query_indices"][0][keep].astype(np.int64)))
