@@ -280,3 +280,23 @@ def test_load_official_names_bad_keys(tiny):
         focus_detr.load_official({"model": sd_shape}, "r50_4scale")
     with pytest.raises(focus_detr.CheckpointMismatchError, match="missing keys"):
         focus_detr.load_official(sd, "r101_4scale")
+
+
+def test_forward_stages_are_profiler_ranges(tiny):
+    """Every stage of a forward is a ``focus_detr.<stage>`` range in a profiler trace, in order, and
+    bench's stage_hook sees the same stages without a profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from focus_detr.bench.flops import stage_hook
+    from focus_detr.model.stages import STAGE_PREFIX, STAGES
+
+    batch = tiny.batch(_images([(64, 80)]))
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        tiny(batch)
+    ranges = sorted((ev.time_range.start, ev.name[len(STAGE_PREFIX):]) for ev in prof.events()
+                    if ev.name.startswith(STAGE_PREFIX))
+    assert [name for _, name in ranges] == list(STAGES)
+    seen = []
+    with torch.no_grad(), stage_hook(tiny, seen.append):
+        tiny(batch)
+    assert seen == list(STAGES) + ["end"]

@@ -152,7 +152,8 @@ class FocusEncoder(nn.Module):
                 out = layer(out, pos, reference_points, value, padding_mask, spatial_shapes)
                 continue
             index = selection.indices[layer_id]
-            x = _gather_tokens(out, index)
+            previous = _gather_tokens(out, index)
+            x = previous
             x_pos = _gather_tokens(pos, index)
             ref = _gather_tokens(reference_points, index)
             if layer.with_oesm:
@@ -163,7 +164,7 @@ class FocusEncoder(nn.Module):
             x = layer(x, x_pos, ref, value, padding_mask, spatial_shapes)
             # Only the image's own budget is written back; extra slots of smaller images keep the old value.
             keep = selection.write_back[layer_id][..., None]
-            x = torch.where(keep, x, _gather_tokens(out, index))
+            x = torch.where(keep, x, previous)
             out = out.scatter(1, index[..., None].expand(-1, -1, out.shape[-1]), x)
         return out, oesm_token_ids
 
