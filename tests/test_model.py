@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import focus_detr
+from focus_detr.model.batching import OFFICIAL
 from focus_detr.model.denoising import build_attention_mask, prepare_denoising
 from focus_detr.model.encoder import plan_token_selection
 from focus_detr.model.selection import STABLE_POLICY
@@ -66,7 +67,7 @@ def test_cascade_counts_per_image_and_padding_never_selected(tiny):
 def test_plan_token_selection_official_budget():
     scores = torch.randn(2, 1000)
     valid = torch.tensor([1000, 700])
-    sel = plan_token_selection(scores, valid, 0.5, (1.0, 0.8, 0.2), per_image=False, policy=STABLE_POLICY)
+    sel = plan_token_selection(scores, valid, 0.5, (1.0, 0.8, 0.2), batching=OFFICIAL, policy=STABLE_POLICY)
     assert sel.token_counts.tolist() == [501, 351]
     assert [i.shape[1] for i in sel.indices] == [501, 400, 100]
     # The smaller image writes back at most its own budget.
@@ -279,3 +280,23 @@ def test_load_official_names_bad_keys(tiny):
         focus_detr.load_official({"model": sd_shape}, "r50_4scale")
     with pytest.raises(focus_detr.CheckpointMismatchError, match="missing keys"):
         focus_detr.load_official(sd, "r101_4scale")
+
+
+def test_forward_stages_are_profiler_ranges(tiny):
+    """Every stage of a forward is a ``focus_detr.<stage>`` range in a profiler trace, in order, and
+    bench's stage_hook sees the same stages without a profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from focus_detr.bench.flops import stage_hook
+    from focus_detr.model.stages import STAGE_PREFIX, STAGES
+
+    batch = tiny.batch(_images([(64, 80)]))
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        tiny(batch)
+    ranges = sorted((ev.time_range.start, ev.name[len(STAGE_PREFIX):]) for ev in prof.events()
+                    if ev.name.startswith(STAGE_PREFIX))
+    assert [name for _, name in ranges] == list(STAGES)
+    seen = []
+    with torch.no_grad(), stage_hook(tiny, seen.append):
+        tiny(batch)
+    assert seen == list(STAGES) + ["end"]

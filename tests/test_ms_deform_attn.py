@@ -198,17 +198,17 @@ def test_points_beyond_the_border_give_zero_and_no_location_gradient() -> None:
         assert torch.count_nonzero(grad_w) == 0
 
 
-@pytest.mark.parametrize("forward_chunk, backward_chunk, spatial_order", [(1, 1, True), (37, 50, True),
-                                                                           (37, 50, False)])
+@pytest.mark.parametrize("forward_chunk, backward_chunk, batch, num_queries", [(1, 1, 3, 5), (37, 50, 3, 5),
+                                                                               (37, 50, 1, 1)])
 def test_fast_is_independent_of_chunking_and_order(monkeypatch, forward_chunk: int, backward_chunk: int,
-                                                   spatial_order: bool) -> None:
+                                                   batch: int, num_queries: int) -> None:
     """Chunks smaller than one query (-> one query per chunk) and odd sizes, across the batch boundary, with
-    and without reordering the queries spatially."""
-    value, spatial_shapes, locations, weights = make_inputs(SHAPE_SETS["pyramid"], batch=3, num_queries=5)
+    the queries reordered spatially (several queries) and without (a single query is not reordered)."""
+    value, spatial_shapes, locations, weights = make_inputs(SHAPE_SETS["pyramid"], batch=batch,
+                                                            num_queries=num_queries)
     expected = outputs_and_grads(ms_deform_attn_reference, value, spatial_shapes, locations, weights)
     monkeypatch.setattr(fast_module, "FORWARD_CHUNK_SAMPLES", forward_chunk)
     monkeypatch.setattr(fast_module, "BACKWARD_CHUNK_SAMPLES", backward_chunk)
-    monkeypatch.setattr(fast_module, "SPATIAL_ORDER", spatial_order)
     actual = outputs_and_grads(ms_deform_attn_fast, value, spatial_shapes, locations, weights)
     assert_close_all(actual, expected, atol=1e-12)
     # Without autograd the per-sample geometry lives in chunk-sized scratch buffers instead.
@@ -232,22 +232,23 @@ def test_fast_index_arithmetic_fallbacks(monkeypatch, float32_exact: int, int32_
 
 
 def test_fast_dot_products_without_sddmm(monkeypatch) -> None:
-    """The gather + bmm fallback for the per-corner dot products, chosen by flag or after SDDMM fails."""
+    """The gather + bmm fallback for the per-corner dot products, used where SDDMM is unsupported (and from
+    then on, once it failed)."""
     value, spatial_shapes, locations, weights = make_inputs(SHAPE_SETS["pyramid"], batch=2, num_queries=6)
     expected = outputs_and_grads(ms_deform_attn_reference, value, spatial_shapes, locations, weights)
     monkeypatch.setattr(fast_module, "BACKWARD_CHUNK_SAMPLES", 40)  # several gather chunks
-    monkeypatch.setattr(fast_module, "USE_SDDMM", False)
+    monkeypatch.setattr(fast_module, "_sddmm_supported", False)
     assert_close_all(outputs_and_grads(ms_deform_attn_fast, value, spatial_shapes, locations, weights),
                      expected, atol=1e-12)
 
     def unsupported(*args):
         raise NotImplementedError("no sparse CSR here")
 
-    monkeypatch.setattr(fast_module, "USE_SDDMM", True)
+    monkeypatch.setattr(fast_module, "_sddmm_supported", True)
     monkeypatch.setattr(fast_module, "_corner_dots_sddmm", unsupported)
     assert_close_all(outputs_and_grads(ms_deform_attn_fast, value, spatial_shapes, locations, weights),
                      expected, atol=1e-12)
-    assert fast_module.USE_SDDMM is False  # remembered (monkeypatch restores it after the test)
+    assert fast_module._sddmm_supported is False  # remembered (monkeypatch restores it after the test)
 
 
 def test_fast_accepts_non_contiguous_inputs_and_partial_grads() -> None:

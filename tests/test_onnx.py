@@ -38,7 +38,8 @@ def reference_msda():
                                                 ((MIN_SIZE, 200), None), ((320, 427), 0.5), ((MIN_SIZE, 200), 0.5)])
 def test_export_forward_equals_model_forward(size: tuple[int, int], query_nms_iou: float | None,
                                              reference_msda) -> None:
-    """The glue restated for export (no .tolist(), budgets as tensors) computes what FocusDETR.forward does."""
+    """The export wrapper (the model's forward with the un-padded batch semantics, then the top-K selection)
+    computes what FocusDETR.forward and postprocess do."""
     torch.manual_seed(0)
     model = focus_detr.build_model("tiny", **{"decoder.query_nms_iou": query_nms_iou}).eval()
     if query_nms_iou is not None:  # large equal proposal boxes, so the distinct-query selection changes queries
@@ -103,11 +104,11 @@ def test_onnx_graph_has_dynamic_size_and_metadata(exported: dict) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("size", [(256, 352), (416, 288)])
 def test_onnxruntime_matches_pytorch_on_other_sizes(exported: dict, size: tuple[int, int]) -> None:
-    from focus_detr.export.onnx import _detections_agree, _session
+    from focus_detr.export.runtime import detections_agree, onnx_session
 
     model = focus_detr.load(exported["weights"])
     assert size != default_example_size(model.cfg)  # the traced size is 320x427
-    session = _session(exported["onnx"])
+    session = onnx_session(exported["onnx"])
     image = torch.randint(0, 256, (3, *size), generator=torch.Generator().manual_seed(sum(size)), dtype=torch.uint8)
     with torch.no_grad():
         ref = model(model.batch([image]))
@@ -118,7 +119,7 @@ def test_onnxruntime_matches_pytorch_on_other_sizes(exported: dict, size: tuple[
     np.testing.assert_allclose(logits, ref.main.logits.numpy(), rtol=0, atol=LOGITS_ATOL)
     np.testing.assert_allclose(boxes, ref.main.boxes.numpy(), rtol=0, atol=BOXES_ATOL)
     np.testing.assert_allclose(np.sort(scores[0]), np.sort(det.scores.numpy()), rtol=0, atol=SCORES_ATOL)
-    assert _detections_agree(scores[0], labels[0], xyxy[0], det)
+    assert detections_agree(scores[0], labels[0], xyxy[0], det)
 
 
 @pytest.mark.slow

@@ -128,7 +128,7 @@ def test_predict_and_explain_see_the_preprocessed_image(tiny_model, tmp_path: Pa
 
 
 def test_onnx_runner_prepares_with_preprocess() -> None:
-    from focus_detr.export.onnx import OnnxDetector
+    from focus_detr.export import OnnxDetector
 
     runner = OnnxDetector.__new__(OnnxDetector)  # prepare needs only the config (no file, no onnxruntime)
     runner.cfg = FocusDETRConfig(test_short_side=96, test_max_size=160)  # inputs >= 65 px, as export takes

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from focus_detr.model.batching import INVARIANT, OFFICIAL
 from focus_detr.model.encoder import _gather_tokens, plan_token_selection
 from focus_detr.model.selection import DEFAULT_POLICY, STABLE_POLICY, SelectionPolicy
 
@@ -59,10 +60,10 @@ def test_shared_sort_equals_per_layer_top_k(batch, n, ratio, per_image, cascade,
     if ties:  # many exact ties, as invalid-proposal tokens have
         scores = torch.randint(0, 3, (batch, n), generator=g).float()
     valid = torch.randint(1, n + 1, (batch,), generator=g)
-    shared = plan_token_selection(scores, valid, ratio, tuple(cascade), per_image, STABLE_POLICY)
+    shared = plan_token_selection(scores, valid, ratio, tuple(cascade), INVARIANT if per_image else OFFICIAL, STABLE_POLICY)
     policy = PerLayer()
-    reference = plan_token_selection(scores, valid, ratio, tuple(cascade), per_image, policy)
-    assert [layer for _, layer in policy.calls] == [i for i, _ in enumerate(cascade) if reference.indices[i].shape[1]]
+    reference = plan_token_selection(scores, valid, ratio, tuple(cascade), INVARIANT if per_image else OFFICIAL, policy)
+    assert [layer for _, layer in policy.calls] == list(range(len(cascade)))  # every layer, also one of 0 tokens
     assert torch.equal(shared.token_counts, reference.token_counts)
     for a, b, wa, wb in zip(shared.indices, reference.indices, shared.write_back, reference.write_back):
         assert torch.equal(a, b)
@@ -77,5 +78,5 @@ def test_default_policy_still_decides_every_layer():
             calls.append(layer)
             return DEFAULT_POLICY.foreground(scores, k, layer)
 
-    plan_token_selection(torch.randn(1, 50), torch.tensor([50]), 0.5, (1.0, 0.8, 0.6), False, Recording())
+    plan_token_selection(torch.randn(1, 50), torch.tensor([50]), 0.5, (1.0, 0.8, 0.6), OFFICIAL, Recording())
     assert calls == [0, 1, 2]

@@ -7,43 +7,28 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile
 
-from .flops import stage_hook
-
-_PREFIX = "stage:"
+from ..model.stages import STAGE_PREFIX
 
 
 def profile_by_stage(model: nn.Module, run: Callable[[], Any], top: int = 8) -> dict[str, Any]:
     """Profile one ``run()`` (a forward of ``model``); return per stage its total and its ``top`` operators by
-    self CPU time (milliseconds). Each stage is wrapped in a ``record_function("stage:<name>")`` range."""
-    current: list[Any] = []
-
-    def on_stage(stage: str) -> None:
-        if current:
-            current.pop().__exit__(None, None, None)
-        if stage != "end":
-            rf = record_function(_PREFIX + stage)
-            rf.__enter__()
-            current.append(rf)
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof, stage_hook(model, on_stage), torch.no_grad():
-        try:
-            run()
-        finally:
-            if current:
-                current.pop().__exit__(None, None, None)
+    self CPU time (milliseconds). The stages are the detector's own ``record_function("focus_detr.<name>")``
+    ranges (:mod:`focus_detr.model.stages`)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof, torch.no_grad():
+        run()
     per_stage: dict[str, dict[str, float]] = {}
     totals: dict[str, float] = {}
     for ev in prof.events():
-        if ev.name.startswith(_PREFIX):
-            stage = ev.name[len(_PREFIX):]
+        if ev.name.startswith(STAGE_PREFIX):
+            stage = ev.name[len(STAGE_PREFIX):]
             totals[stage] = totals.get(stage, 0.0) + ev.cpu_time_total / 1000.0
             continue
         parent = ev.cpu_parent
-        while parent is not None and not parent.name.startswith(_PREFIX):
+        while parent is not None and not parent.name.startswith(STAGE_PREFIX):
             parent = parent.cpu_parent
-        stage = parent.name[len(_PREFIX):] if parent is not None else "outside"
+        stage = parent.name[len(STAGE_PREFIX):] if parent is not None else "outside"
         ops = per_stage.setdefault(stage, {})
         ops[ev.name] = ops.get(ev.name, 0.0) + ev.self_cpu_time_total / 1000.0
     out: dict[str, Any] = {}

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
 import torch
+from torch import Tensor, nn
 
 from ..config import DecoderConfig
 from ..layers.deformable_attention import MultiScaleDeformableAttention
@@ -66,16 +66,16 @@ class DINODecoder(nn.Module):
         box_heads: nn.ModuleList,
         self_attn_mask: Tensor | None = None,
         query_padding_mask: Tensor | None = None,
-        position_from_scaled_boxes: bool = True,
+        position_scale: Tensor | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """
         Args:
             target:          ``[B, Q, C]`` content queries.
             reference_boxes: ``[B, Q, 4]`` initial sigmoid boxes (cxcywh, valid-region normalised).
             box_heads:       one box head per layer; refines the boxes between layers.
-            position_from_scaled_boxes: embed the query position from the boxes scaled by the level-0 valid
-                             ratio (official; it makes a query's position depend on the batch padding) or from
-                             the boxes themselves (batch-invariant; equal to the official batch-of-1 result).
+            position_scale:  ``[B, 1, 4]`` factor on the boxes before their position embedding (official: the
+                             level-0 valid ratio, which makes a query's position depend on the batch padding),
+                             or None for the boxes themselves (batch-invariant; the official batch-of-1 result).
         Returns:
             per layer, the normalised hidden states ``[B, Q, C]`` and the refined boxes ``[B, Q, 4]``
             (not detached: look-forward-twice lets the next layer's loss reach this layer's head).
@@ -84,7 +84,7 @@ class DINODecoder(nn.Module):
         scale = torch.cat([valid_ratios, valid_ratios], -1)[:, None]
         for layer, box_head in zip(self.layers, box_heads):
             boxes_per_level = reference_boxes[:, :, None] * scale
-            pos_boxes = boxes_per_level[:, :, 0, :] if position_from_scaled_boxes else reference_boxes
+            pos_boxes = reference_boxes if position_scale is None else reference_boxes * position_scale
             query_pos = self.ref_point_head(box_sine_embedding(pos_boxes, self.embed_dim // 2))
             target = layer(target, query_pos, boxes_per_level, memory, memory_padding_mask, spatial_shapes,
                            self_attn_mask, query_padding_mask)

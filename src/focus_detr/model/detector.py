@@ -1,13 +1,20 @@
 """The Focus-DETR detector: backbone -> neck -> foreground token selector -> focus encoder -> two-stage
-query selection -> DINO decoder -> heads. Losses and data live elsewhere; this module only predicts."""
+query selection -> DINO decoder -> heads. Losses and data live elsewhere; this module only predicts.
+
+``forward`` runs one named method per stage (see :mod:`.stages`), each with its shapes in its signature.
+Level sizes travel as Python ints (``shapes``, read from the feature maps), never read back from a tensor,
+and the batch semantics are one :class:`~.batching.Batching` object; so the stages run as they are under
+``torch.export`` for an un-padded image (:mod:`focus_detr.export.onnx` only wraps them).
+"""
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import FocusDETRConfig
@@ -16,35 +23,41 @@ from ..layers.mlp import MLP
 from ..layers.position_encoding import PositionEmbeddingSine
 from ..ops.boxes import box_cxcywh_to_xyxy, fast_nms_keep, inverse_sigmoid
 from ..ops.images import ImageBatch, batch_images
+from .batching import Batching, LevelMaps, batching_for
 from .decoder import DINODecoder
-from .denoising import prepare_denoising
+from .denoising import DenoisingQueries, prepare_denoising
 from .encoder import FocusEncoder, TokenSelection, plan_token_selection
 from .foreground_selector import ForegroundTokenSelector, token_proposals
 from .neck import ChannelMapper
 from .outputs import DenoisingOutputs, EncoderTrace, FocusDETROutputs, Predictions
 from .postprocess import Detections, postprocess
-from .selection import DEFAULT_POLICY, STABLE_POLICY, SelectionPolicy
+from .selection import SelectionPolicy
+from .stages import stage
+
+#: Level sizes ``(H_l, W_l)``, fine to coarse, as Python ints (symbolic sizes under ``torch.export``).
+Shapes = Sequence[tuple[int, int]]
 
 
-def _flatten_levels(maps: list[Tensor]) -> Tensor:
-    """List of ``[B, C, H_l, W_l]`` -> ``[B, sum H_l W_l, C]``."""
-    return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)
-
-
-def _encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+def _encoder_reference_points(shapes: Shapes, valid_ratios: Tensor) -> Tensor:
     """Token centres, normalised by each image's valid region: ``[B, N, L, 2]`` (x, y) on every level."""
     points = []
     device = valid_ratios.device
-    for level, (h, w) in enumerate(spatial_shapes.tolist()):
-        ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-            torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
-            indexing="ij",
-        )
+    for level, (h, w) in enumerate(shapes):
+        # arange + 0.5 gives the half-integers of linspace(0.5, h - 0.5, h) exactly (step 1.0).
+        ref_y, ref_x = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+                                      torch.arange(w, dtype=torch.float32, device=device) + 0.5, indexing="ij")
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * h)
         ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * w)
         points.append(torch.stack((ref_x, ref_y), -1))
     return torch.cat(points, 1)[:, :, None] * valid_ratios[:, None]
+
+
+def _valid_ratios(mask: Tensor) -> Tensor:
+    """``[B, H, W]`` padding mask -> ``[B, 2]`` valid ``(w, h)`` fraction (from the first row / column)."""
+    _, h, w = mask.shape
+    valid_h = torch.sum(~mask[:, :, 0], 1)
+    valid_w = torch.sum(~mask[:, 0, :], 1)
+    return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
 
 
 def demote_duplicate_proposals(scores: Tensor, coords: Tensor, num_queries: int, iou_threshold: float,
@@ -71,19 +84,66 @@ def demote_duplicate_proposals(scores: Tensor, coords: Tensor, num_queries: int,
     return scores.scatter(1, candidates, torch.where(keep, candidate_scores, candidate_scores - offset))
 
 
-def _valid_ratios(mask: Tensor) -> Tensor:
-    """``[B, H, W]`` padding mask -> ``[B, 2]`` valid ``(w, h)`` fraction (from the first row / column)."""
-    _, h, w = mask.shape
-    valid_h = torch.sum(~mask[:, :, 0], 1)
-    valid_w = torch.sum(~mask[:, 0, :], 1)
-    return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
+@dataclass
+class Tokens:
+    """The flattened multi-scale tokens of a batch (levels fine to coarse, row-major), read by every stage
+    after the neck.
+
+    features:          ``[B, N, C]`` neck features (no position embedding).
+    pos:               ``[B, N, C]`` sine position + level embedding.
+    padding_mask:      ``[B, N]`` bool, True on padding.
+    attention_mask:    ``padding_mask`` as deformable attention takes it (None when nothing is padded).
+    shapes:            per level ``(H_l, W_l)`` as Python ints.
+    spatial_shapes:    ``[L, 2]`` long, the same as a tensor (for deformable attention and the outputs).
+    valid_ratios:      ``[B, L, 2]`` ``(w, h)`` fraction of each level covered by the image.
+    reference_points:  ``[B, N, L, 2]`` token centres on every level.
+    valid_counts:      ``[B]`` non-padded tokens per image.
+    proposals:         ``[B, N, 4]`` one box proposal per token (logits, ``+inf`` where unusable).
+    proposal_valid:    ``[B, N]`` bool, where the proposal is usable.
+    """
+
+    features: Tensor
+    pos: Tensor
+    padding_mask: Tensor
+    attention_mask: Tensor | None
+    shapes: Shapes
+    spatial_shapes: Tensor
+    valid_ratios: Tensor
+    reference_points: Tensor
+    valid_counts: Tensor
+    proposals: Tensor
+    proposal_valid: Tensor
+
+
+@dataclass
+class QuerySelection:
+    """The decoder's queries, chosen from the encoder tokens (two-stage), denoising queries in front.
+
+    indices:            ``[B, Q]`` token ids chosen as proposals, in query order.
+    target:             ``[B, P + Q, C]`` content queries (``P`` denoising queries first, 0 without).
+    reference_boxes:    ``[B, P + Q, 4]`` initial sigmoid boxes.
+    proposals:          the two-stage proposals' class logits ``[B, Q, K]`` and boxes ``[B, Q, 4]``.
+    max_logits:         ``[B, N]`` max-over-classes proposal logit of every token.
+    padding_mask:       ``[B, P + Q]`` True on query slots an image cannot fill, or None.
+    self_attn_mask:     ``[P + Q, P + Q]`` denoising attention mask, or None.
+    denoising:          the denoising queries (training with targets), or None.
+    """
+
+    indices: Tensor
+    target: Tensor
+    reference_boxes: Tensor
+    proposals: Predictions
+    max_logits: Tensor
+    padding_mask: Tensor | None
+    self_attn_mask: Tensor | None
+    denoising: DenoisingQueries | None
 
 
 class FocusDETR(nn.Module):
     """Focus-DETR. Build it with :func:`focus_detr.build_model`.
 
-    ``forward(batch, targets=None, policy=None) -> FocusDETROutputs``; ``detect(batch)`` adds
-    post-processing; ``predict(images)`` takes PIL images / arrays / paths and does everything.
+    ``forward(batch, targets=None, policy=None) -> FocusDETROutputs``; ``postprocess(outputs)`` turns the
+    result into detections; ``predict(images)`` takes PIL images / arrays / paths and does everything.
     """
 
     def __init__(self, cfg: FocusDETRConfig, backbone: nn.Module) -> None:
@@ -140,27 +200,19 @@ class FocusDETR(nn.Module):
                 m.reset_parameters()
         nn.init.normal_(self.level_embed)
 
-    # ----------------------------------------------------------------------------------------------
-    # Stage markers: benchmarks set ``stage_callback`` to a function receiving the name of each stage as it
-    # begins ("backbone" (backbone + neck), "preparation", "token_selection", "encoder", "query_selection",
-    # "decoder" (decoder + heads), then "end"). No cost when unset.
-    stage_callback = None
-
-    def _mark(self, stage: str) -> None:
-        if self.stage_callback is not None:
-            self.stage_callback(stage)
-
     @property
     def device(self) -> torch.device:
         return self.level_embed.device
 
     @property
-    def default_policy(self) -> SelectionPolicy:
-        return STABLE_POLICY if self.per_image else DEFAULT_POLICY
+    def batching(self) -> Batching:
+        """The batch semantics of ``cfg.batch_mode`` (read at each call: the config may be replaced)."""
+        return batching_for(self.cfg.batch_mode)
 
     @property
-    def per_image(self) -> bool:
-        return self.cfg.batch_mode == "invariant"
+    def default_policy(self) -> SelectionPolicy:
+        """The decision policy used when none is given (stable top-k in batch-invariant mode)."""
+        return self.batching.policy
 
     def save_pretrained(self, folder: str, extra: dict | None = None):
         """Write ``folder/config.json`` + ``folder/model.safetensors`` (the Hugging Face layout; needs the
@@ -179,63 +231,120 @@ class FocusDETR(nn.Module):
         """Normalise and pad ``[3, h, w]`` RGB images (0..255) into an :class:`ImageBatch` on the model's device."""
         return batch_images([im.to(self.device) for im in images], self.cfg.pixel_mean, self.cfg.pixel_std)
 
-    def _neck_features(self, x: Tensor) -> list[Tensor]:
+    # ---- stages ----------------------------------------------------------------------------------
+    def neck_features(self, x: Tensor) -> list[Tensor]:
         """Backbone (run once) then neck: ``[B, 3, H, W]`` -> list of ``[B, C, H_l, W_l]``, fine to coarse."""
         outs = self.backbone(x)
         return self.neck([outs[name] for name in self.backbone.out_features])
 
-    def _features(self, batch: ImageBatch) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
-        """Neck features per level ``[B, C, H_l, W_l]``, padding masks per level ``[B, H_l, W_l]`` and, in
-        batch-invariant mode, each image's own feature size per level ``[B, L, 2]``."""
-        x = batch.tensor
-        sizes = batch.image_sizes
-        full = bool((sizes[:, 0] == x.shape[2]).all() and (sizes[:, 1] == x.shape[3]).all())
-        if not self.per_image:
-            feats = self._neck_features(x)
-            if self.training:
-                pixel_mask = batch.padding_mask.to(x.dtype)
-            else:
-                # Official eval quirk: padding counts as image (all-zero mask).
-                pixel_mask = torch.zeros_like(batch.padding_mask, dtype=x.dtype)
-            masks = [F.interpolate(pixel_mask[None], size=f.shape[-2:]).to(torch.bool)[0] for f in feats]
-            return feats, masks, None
-        if full:
-            feats = self._neck_features(x)
-            level_sizes = torch.tensor([list(f.shape[-2:]) for f in feats], device=x.device)
-            level_sizes = level_sizes[None].expand(x.shape[0], -1, -1).contiguous()
-        else:
-            # Images of different sizes run through the backbone one by one: convolutions and GroupNorm would
-            # otherwise see the batch padding, and an image's features would depend on its batch mates.
-            per_image = []
-            for b in range(x.shape[0]):
-                h, w = sizes[b].tolist()
-                xb = x[b:b + 1, :, :h, :w]
-                per_image.append(self._neck_features(xb))
-            feats = []
-            for level in range(len(per_image[0])):
-                hmax = max(p[level].shape[2] for p in per_image)
-                wmax = max(p[level].shape[3] for p in per_image)
-                feats.append(torch.stack([F.pad(p[level][0], (0, wmax - p[level].shape[3], 0, hmax - p[level].shape[2]))
-                                          for p in per_image]))
-            level_sizes = torch.tensor([[list(p[level].shape[-2:]) for level in range(len(p))] for p in per_image],
-                                       device=x.device)
-        masks = []
-        for level, f in enumerate(feats):
-            h, w = f.shape[-2:]
-            rows = torch.arange(h, device=x.device)[None, :, None] >= level_sizes[:, level, 0, None, None]
-            cols = torch.arange(w, device=x.device)[None, None, :] >= level_sizes[:, level, 1, None, None]
-            masks.append(rows | cols)
-        return feats, masks, level_sizes
+    def extract_features(self, batch: ImageBatch, batching: Batching) -> LevelMaps:
+        """Stage ``backbone``: ``[B, 3, H, W]`` images -> per level ``[B, C, H_l, W_l]`` features and masks."""
+        return batching.level_maps(self.neck_features, batch, self.training)
 
+    def flatten_tokens(self, levels: LevelMaps, batching: Batching) -> Tokens:
+        """Stage ``preparation``: per level ``[B, C, H_l, W_l]`` -> ``[B, N, C]`` tokens with positions,
+        masks, reference points and proposals (see :class:`Tokens`)."""
+        feats, masks = levels.features, levels.masks
+        shapes = [(f.shape[2], f.shape[3]) for f in feats]
+        spatial_shapes = torch.tensor(shapes, dtype=torch.long, device=self.device)
+        features = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)
+        padding_mask = torch.cat([m.flatten(1) for m in masks], 1)
+        pos = torch.cat([self.position_embedding(m).flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
+                         for lvl, m in enumerate(masks)], 1)
+        valid_ratios = torch.stack([_valid_ratios(m) for m in masks], 1)
+        proposals, proposal_valid = token_proposals(padding_mask, shapes)
+        return Tokens(features, pos, padding_mask, batching.attention_mask(padding_mask), shapes, spatial_shapes,
+                      valid_ratios, _encoder_reference_points(shapes, valid_ratios), (~padding_mask).sum(1),
+                      proposals, proposal_valid)
+
+    def project_tokens(self, x: Tensor, tokens: Tokens) -> Tensor:
+        """``[B, N, C]`` -> the shared token projection ``[B, N, C]``, zero input where no proposal is usable."""
+        return self.token_proj_norm(self.token_proj(x.masked_fill(~tokens.proposal_valid[..., None], 0.0)))
+
+    def select_tokens(self, tokens: Tokens, levels: LevelMaps, batching: Batching, policy: SelectionPolicy
+                      ) -> tuple[Tensor | None, Tensor | None, TokenSelection | None]:
+        """Stage ``token_selection``: foreground logits ``[B, N]``, the ranking they give (padding last,
+        ``[B, N]``) and the cascade's token sets; all None in dense mode (every layer updates every token)."""
+        if self.foreground_selector is None:
+            return None, None, None
+        cfg = self.cfg.encoder  # read at each call: keep_ratio may be changed for inference
+        projected = self.project_tokens(tokens.features + tokens.pos, tokens)
+        logits = self.foreground_selector(projected, tokens.shapes, levels.valid, levels.sizes)
+        ranking = batching.rank_foreground(logits, tokens.padding_mask)
+        ratios = cfg.cascade if cfg.mode == "focus" else (1.0,) * cfg.num_layers
+        selection = plan_token_selection(ranking, tokens.valid_counts, cfg.keep_ratio, ratios, batching, policy)
+        return logits, ranking, selection
+
+    def encode(self, tokens: Tokens, selection: TokenSelection | None, ranking: Tensor | None,
+               batching: Batching, policy: SelectionPolicy) -> tuple[Tensor, list[Tensor]]:
+        """Stage ``encoder``: tokens -> memory ``[B, N, C]`` and per layer the OESM token ids ``[B, M_l]``."""
+        return self.encoder(tokens.features, tokens.pos, tokens.reference_points, tokens.attention_mask,
+                            tokens.spatial_shapes, selection, ranking, self.proposal_class_head, batching, policy)
+
+    def select_queries(self, memory: Tensor, tokens: Tokens, batching: Batching, policy: SelectionPolicy,
+                       targets: list[dict[str, Tensor]] | None = None) -> QuerySelection:
+        """Stage ``query_selection``: memory ``[B, N, C]`` -> the ``Q = min(num_queries, N)`` best proposals
+        as queries (distinct ones first with ``query_nms_iou``), plus denoising queries in training."""
+        cfg = self.cfg
+        output_memory = self.project_tokens(memory, tokens)
+        proposal_logits = self.proposal_class_head(output_memory)
+        proposal_coords = self.proposal_box_head(output_memory) + tokens.proposals
+        max_logits = proposal_logits.max(-1)[0]
+        ranking = batching.rank_proposals(max_logits, tokens.padding_mask)
+        num_queries = torch.sym_min(cfg.decoder.num_queries, max_logits.shape[1])
+        if cfg.decoder.query_nms_iou is not None:
+            ranking = demote_duplicate_proposals(ranking.detach(), proposal_coords.detach(), num_queries,
+                                                 cfg.decoder.query_nms_iou, policy)
+        topk = policy.proposals(ranking, num_queries)
+        padding = batching.query_padding(num_queries, tokens.valid_counts)
+        topk_coords = torch.gather(proposal_coords, 1, topk[..., None].expand(-1, -1, 4))
+        reference_boxes = topk_coords.detach().sigmoid()
+        topk_memory = torch.gather(output_memory, 1, topk[..., None].expand(-1, -1, output_memory.shape[-1]))
+        proposals = Predictions(self.proposal_class_head(topk_memory), topk_coords.sigmoid())
+        target = self.target_embed.weight[:num_queries][None].repeat(memory.shape[0], 1, 1)
+
+        dn = None
+        if self.training and targets is not None:
+            dn = prepare_denoising(targets, cfg.denoising.num_queries, cfg.denoising.label_noise_ratio,
+                                   cfg.denoising.box_noise_scale, cfg.num_classes, self.dn_label_embed, num_queries)
+        self_attn_mask = None
+        if dn is not None:
+            target = torch.cat([dn.content, target], 1)
+            reference_boxes = torch.cat([dn.boxes.sigmoid(), reference_boxes], 1)
+            self_attn_mask = dn.attn_mask
+            if padding is not None:
+                padding = torch.cat([padding.new_zeros(padding.shape[0], dn.content.shape[1]), padding], 1)
+        return QuerySelection(topk, target, reference_boxes, proposals, max_logits, padding, self_attn_mask, dn)
+
+    def decode(self, queries: QuerySelection, memory: Tensor, tokens: Tokens, batching: Batching
+               ) -> tuple[list[Predictions], list[Tensor]]:
+        """Stage ``decoder``: queries and memory ``[B, N, C]`` -> per decoder layer its predictions (class
+        logits ``[B, P + Q, K]``, sigmoid boxes ``[B, P + Q, 4]``) and refined boxes ``[B, P + Q, 4]``."""
+        hidden, refined = self.decoder(queries.target, queries.reference_boxes, memory, tokens.attention_mask,
+                                       tokens.spatial_shapes, tokens.valid_ratios, self.box_heads,
+                                       queries.self_attn_mask, queries.padding_mask,
+                                       batching.position_scale(tokens.valid_ratios))
+        # Keeps the label embedding in the graph when denoising is off, so DDP sees every parameter used.
+        hidden[0] = hidden[0] + self.dn_label_embed.weight[0, 0] * 0.0
+        predictions = []
+        for layer, h in enumerate(hidden):
+            ref = queries.reference_boxes if layer == 0 else refined[layer - 1]
+            predictions.append(Predictions(self.class_heads[layer](h),
+                                           (self.box_heads[layer](h) + inverse_sigmoid(ref)).sigmoid()))
+        return predictions, refined
+
+    # ---- the whole forward -----------------------------------------------------------------------
     def forward(self, batch: ImageBatch, targets: list[dict[str, Tensor]] | None = None,
-                policy: SelectionPolicy | None = None) -> FocusDETROutputs:
+                policy: SelectionPolicy | None = None, batching: Batching | None = None) -> FocusDETROutputs:
         """Run the detector.
 
         Args:
-            batch:   images from :meth:`batch` / the data collate.
-            targets: training targets (``labels [n]``, ``boxes [n, 4]`` cxcywh normalised); used for denoising
-                     queries in training mode only.
-            policy:  decision policy (default: plain top-k in official mode, stable top-k in batch-invariant mode).
+            batch:    images from :meth:`batch` / the data collate.
+            targets:  training targets (``labels [n]``, ``boxes [n, 4]`` cxcywh normalised); used for denoising
+                      queries in training mode only.
+            policy:   decision policy (default: plain top-k in official mode, stable top-k in batch-invariant mode).
+            batching: batch semantics (default: :attr:`batching` for this batch; the ONNX export passes
+                      :data:`~focus_detr.model.batching.UNPADDED`).
 
         Convenience: anything else :meth:`predict` takes (a path, an http(s) URL, a PIL image, an array, or
         a list of them) is passed to :meth:`predict`, so ``model("photo.jpg")`` returns its
@@ -246,123 +355,46 @@ class FocusDETR(nn.Module):
                 raise TypeError("targets / policy need an ImageBatch (model.batch(...)); for images call "
                                 "model(images) or model.predict(images, ...)")
             return self.predict(batch)  # type: ignore[return-value]
-        policy = policy or self.default_policy
-        cfg = self.cfg
-        self._mark("backbone")
-        feats, masks, level_sizes = self._features(batch)
-        self._mark("preparation")
-        batch_size = feats[0].shape[0]
-        pos_maps = [self.position_embedding(m) for m in masks]
-        spatial_shapes = torch.as_tensor([list(f.shape[-2:]) for f in feats], dtype=torch.long, device=self.device)
-        level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        features = _flatten_levels(feats)
-        padding_mask = torch.cat([m.flatten(1) for m in masks], 1)
-        pos = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
-                         for lvl, p in enumerate(pos_maps)], 1)
-        valid_ratios = torch.stack([_valid_ratios(m) for m in masks], 1)
-        reference_points = _encoder_reference_points(spatial_shapes, valid_ratios)
-        valid_counts = (~padding_mask).sum(1)
-
-        # ---- foreground token selection -------------------------------------------------------------
-        self._mark("token_selection")
-        foreground_logits = None
-        selection: TokenSelection | None = None
-        ranking = None
-        if self.foreground_selector is not None:
-            _, proposal_valid = token_proposals(padding_mask, spatial_shapes)
-            tokens = self.token_proj_norm(self.token_proj((features + pos).masked_fill(~proposal_valid[..., None], 0.0)))
-            foreground_logits = self.foreground_selector(tokens, spatial_shapes, level_sizes)
-            if self.per_image:
-                ranking = foreground_logits.masked_fill(padding_mask, float("-inf"))
-            else:
-                # Official: padded tokens get the batch-wide minimum (they can still be selected).
-                ranking = foreground_logits.masked_fill(padding_mask, foreground_logits.min())
-            ratios = cfg.encoder.cascade if cfg.encoder.mode == "focus" else (1.0,) * cfg.encoder.num_layers
-            selection = plan_token_selection(ranking, valid_counts, cfg.encoder.keep_ratio, ratios, self.per_image,
-                                             policy)
-
-        # ---- encoder --------------------------------------------------------------------------------
-        self._mark("encoder")
-        memory, oesm_ids = self.encoder(
-            features, pos, reference_points, padding_mask, spatial_shapes, selection,
-            ranking, self.proposal_class_head, self.per_image, policy)
-
-        # ---- two-stage query selection ----------------------------------------------------------------
-        self._mark("query_selection")
-        proposals, proposal_valid = token_proposals(padding_mask, spatial_shapes)
-        output_memory = self.token_proj_norm(self.token_proj(memory.masked_fill(~proposal_valid[..., None], 0.0)))
-        proposal_logits = self.proposal_class_head(output_memory)
-        proposal_coords = self.proposal_box_head(output_memory) + proposals
-        proposal_scores = proposal_logits.max(-1)[0]
-        ranking_scores = proposal_scores
-        if self.per_image:
-            ranking_scores = proposal_scores.masked_fill(padding_mask, float("-inf"))
-        num_queries = min(cfg.decoder.num_queries, proposal_scores.shape[1])
-        if cfg.decoder.query_nms_iou is not None:
-            ranking_scores = demote_duplicate_proposals(ranking_scores.detach(), proposal_coords.detach(),
-                                                        num_queries, cfg.decoder.query_nms_iou, policy)
-        topk = policy.proposals(ranking_scores, num_queries)
-        query_padding_mask = None
-        if self.per_image:
-            query_padding_mask = torch.arange(num_queries, device=self.device)[None, :] >= valid_counts[:, None]
-            if not bool(query_padding_mask.any()):
-                query_padding_mask = None
-        topk_coords = torch.gather(proposal_coords, 1, topk[..., None].expand(-1, -1, 4))
-        reference_boxes = topk_coords.detach().sigmoid()
-        topk_memory = torch.gather(output_memory, 1, topk[..., None].expand(-1, -1, output_memory.shape[-1]))
-        encoder_proposals = Predictions(self.proposal_class_head(topk_memory), topk_coords.sigmoid())
-        target = self.target_embed.weight[:num_queries][None].repeat(batch_size, 1, 1)
-
-        # ---- denoising queries (training) --------------------------------------------------------------
-        dn = None
-        if self.training and targets is not None:
-            dn = prepare_denoising(targets, cfg.denoising.num_queries, cfg.denoising.label_noise_ratio,
-                                   cfg.denoising.box_noise_scale, cfg.num_classes, self.dn_label_embed, num_queries)
-        self_attn_mask = None
-        num_dn = 0
-        if dn is not None:
-            num_dn = dn.content.shape[1]
-            target = torch.cat([dn.content, target], 1)
-            reference_boxes = torch.cat([dn.boxes.sigmoid(), reference_boxes], 1)
-            self_attn_mask = dn.attn_mask
-            if query_padding_mask is not None:
-                query_padding_mask = torch.cat([query_padding_mask.new_zeros(batch_size, num_dn), query_padding_mask], 1)
-        init_reference = reference_boxes
-
-        # ---- decoder and heads -----------------------------------------------------------------------
-        self._mark("decoder")
-        hidden, refined = self.decoder(target, reference_boxes, memory, padding_mask, spatial_shapes, valid_ratios,
-                                       self.box_heads, self_attn_mask, query_padding_mask,
-                                       position_from_scaled_boxes=not self.per_image)
-        # Keeps the label embedding in the graph when denoising is off, so DDP sees every parameter used.
-        hidden[0] = hidden[0] + self.dn_label_embed.weight[0, 0] * 0.0
-        all_logits, all_boxes = [], []
-        for layer, h in enumerate(hidden):
-            ref = init_reference if layer == 0 else refined[layer - 1]
-            all_logits.append(self.class_heads[layer](h))
-            all_boxes.append((self.box_heads[layer](h) + inverse_sigmoid(ref)).sigmoid())
-        denoising = None
-        if dn is not None:
-            denoising = DenoisingOutputs(torch.stack([x[:, :num_dn] for x in all_logits]),
-                                         torch.stack([x[:, :num_dn] for x in all_boxes]), dn.num_groups, dn.max_gt)
-            all_logits = [x[:, num_dn:] for x in all_logits]
-            all_boxes = [x[:, num_dn:] for x in all_boxes]
-            refined = [x[:, num_dn:] for x in refined]
-            if query_padding_mask is not None:
-                query_padding_mask = query_padding_mask[:, num_dn:]
-        preds = [Predictions(lg, bx) for lg, bx in zip(all_logits, all_boxes)]
-        self._mark("end")
+        batching = batching or self.batching.for_batch(batch)
+        policy = policy or batching.policy
+        with stage("backbone"):
+            levels = self.extract_features(batch, batching)
+        with stage("preparation"):
+            tokens = self.flatten_tokens(levels, batching)
+        with stage("token_selection"):
+            foreground_logits, ranking, selection = self.select_tokens(tokens, levels, batching, policy)
+        with stage("encoder"):
+            memory, oesm_ids = self.encode(tokens, selection, ranking, batching, policy)
+        with stage("query_selection"):
+            queries = self.select_queries(memory, tokens, batching, policy, targets)
+        with stage("decoder"):
+            predictions, refined = self.decode(queries, memory, tokens, batching)
+            query_padding_mask = queries.padding_mask
+            denoising = None
+            if queries.denoising is not None:
+                dn = queries.denoising
+                num_dn = dn.content.shape[1]
+                denoising = DenoisingOutputs(torch.stack([p.logits[:, :num_dn] for p in predictions]),
+                                             torch.stack([p.boxes[:, :num_dn] for p in predictions]),
+                                             dn.num_groups, dn.max_gt)
+                predictions = [Predictions(p.logits[:, num_dn:], p.boxes[:, num_dn:]) for p in predictions]
+                refined = [x[:, num_dn:] for x in refined]
+                if query_padding_mask is not None:
+                    query_padding_mask = query_padding_mask[:, num_dn:]
 
         if selection is not None:
             trace = EncoderTrace(selection.token_counts, selection.indices, selection.write_back, oesm_ids)
         else:
-            trace = EncoderTrace(valid_counts, [], [], [])
+            trace = EncoderTrace(tokens.valid_counts, [], [], [])
+        spatial_shapes = tokens.spatial_shapes
+        level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
         return FocusDETROutputs(
-            main=preds[-1], aux=preds[:-1], encoder_proposals=encoder_proposals, denoising=denoising,
+            main=predictions[-1], aux=predictions[:-1], encoder_proposals=queries.proposals, denoising=denoising,
             foreground_logits=foreground_logits, spatial_shapes=spatial_shapes,
-            level_start_index=level_start_index, valid_ratios=valid_ratios, token_padding_mask=padding_mask,
-            image_sizes=batch.image_sizes, proposal_indices=topk, encoder_trace=trace, memory=memory,
-            reference_boxes=refined, proposal_max_logits=proposal_scores, query_padding_mask=query_padding_mask,
+            level_start_index=level_start_index, valid_ratios=tokens.valid_ratios,
+            token_padding_mask=tokens.padding_mask, image_sizes=batch.image_sizes, proposal_indices=queries.indices,
+            encoder_trace=trace, memory=memory, reference_boxes=refined, proposal_max_logits=queries.max_logits,
+            query_padding_mask=query_padding_mask,
         )
 
     # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from ..config import EncoderConfig
 from ..layers.deformable_attention import MultiScaleDeformableAttention
 from ..layers.mlp import FeedForward
-from .selection import SelectionPolicy
+from .batching import Batching
+from .selection import SelectionPolicy, StableSelectionPolicy
 
 
 @dataclass
@@ -33,7 +34,7 @@ def plan_token_selection(
     valid_counts: Tensor,
     keep_ratio: float,
     ratios: tuple[float, ...],
-    per_image: bool,
+    batching: Batching,
     policy: SelectionPolicy,
 ) -> TokenSelection:
     """Top-k token sets of every encoder layer from one score map.
@@ -43,51 +44,41 @@ def plan_token_selection(
         valid_counts: ``[B]`` non-padded tokens per image.
         keep_ratio:   foreground budget ``n_b = int(keep_ratio * valid_b) + 1``.
         ratios:       per-layer fraction of the budget (the cascade).
-        per_image:    True: each image keeps ``int(ratio * n_b)`` tokens (batch-invariant). False: every image
-                      keeps ``int(ratio * max_b n_b)`` (official), and writes back its first ``n_b``.
+        batching:     how the budgets of a batch combine (:meth:`~.batching.Batching.layer_budget`): per image
+                      (batch-invariant), or the batch's largest for every image (official).
     """
     # float32 products truncated to int, exactly as the official code computes them.
     token_counts = (valid_counts.to(torch.float32) * keep_ratio).int() + 1
     token_counts = torch.minimum(token_counts, valid_counts.to(torch.int32).clamp(min=1))
-    from .selection import StableSelectionPolicy
-
-    # All budgets in one small host computation (one device->host copy instead of one per layer).
-    counts_host = token_counts.to(torch.float32).cpu()
-    ratio_t = torch.tensor(ratios, dtype=torch.float32)
-    if per_image:
-        limits = (ratio_t[:, None] * counts_host[None, :]).int()  # [layers, B], float32 products as official
-        ks = limits.max(1).values.tolist() if len(ratios) else []
-    else:
-        biggest = int(counts_host.max()) if counts_host.numel() else 0
-        ks = [int(r * biggest) for r in ratio_t]
-        limits = None
-    ks = [min(k, scores.shape[1]) for k in ks]
-    # The stable policy's top-k of every layer is a prefix of one stable descending sort of the same scores:
-    # sort once instead of once per layer (same indices, exactly). Other policies decide per layer.
-    shared_order = None
-    if type(policy) is StableSelectionPolicy and ks and max(ks) > 0:
-        shared_order = policy.foreground(scores, max(ks), 0)
-    positions = torch.arange(max(ks, default=0), device=scores.device)[None, :]
-    limits_dev = limits.to(scores.device) if limits is not None else token_counts.to(scores.device)
     indices, write_back = [], []
-    for layer, k in enumerate(ks):
-        if k == 0:
-            idx = scores.new_zeros(scores.shape[0], 0, dtype=torch.long)
-        elif shared_order is not None:
-            idx = shared_order[:, :k]
-        else:
-            idx = policy.foreground(scores, k, layer)
-        indices.append(idx)
-        limit = limits_dev[layer] if limits is not None else limits_dev
-        write_back.append(positions[:, :k] < limit[:, None])
+    num_tokens = scores.shape[1]
+    budgets = [batching.layer_budget(token_counts, ratio) for ratio in torch.tensor(ratios, dtype=torch.float32)]
+    # The stable policy's top-k of every layer is a prefix of one stable descending sort of the same scores:
+    # sort once instead of once per layer (same indices, exactly). Other policies decide per layer; the
+    # exported graph keeps one top-k per layer (its sizes are symbolic).
+    shared_order = None
+    if budgets and type(policy) is StableSelectionPolicy and not torch.compiler.is_exporting():
+        largest_k = int(torch.stack([largest for largest, _ in budgets]).clamp(max=num_tokens).max())
+        if largest_k > 0:
+            shared_order = policy.foreground(scores, largest_k, 0)
+    for layer, (largest, own) in enumerate(budgets):
+        k = largest.clamp(max=num_tokens).item()  # an unbacked size under torch.export: tell it the bounds
+        torch._check(k >= 0)
+        torch._check(k <= num_tokens)
+        if torch.compiler.is_exporting():
+            # The exported graph assumes every layer keeps a token (its inputs are large enough, see
+            # focus_detr.export.onnx.MIN_SIZE); eager runs also take layers with none.
+            torch._check(k >= 1)
+        indices.append(shared_order[:, :k] if shared_order is not None else policy.foreground(scores, k, layer))
+        write_back.append(torch.arange(k, device=scores.device)[None, :] < own.to(scores.device)[:, None])
     return TokenSelection(indices, write_back, token_counts)
 
 
 def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     """``x [B, N, ...]``, ``index [B, K]`` -> ``[B, K, ...]``."""
     # Whole rows by index_select, not torch.gather with the index expanded over the trailing dims: on CPU the
-    # element-wise gather of [K, 256] rows is ~20x slower (27 ms vs 1.4 ms for K = 11112 of N = 22223 on one
-    # EPYC core) and slower still with 2 threads, where index_select copies contiguous rows. Same values.
+    # element-wise gather of [K, C] rows is an order of magnitude slower, worse with several threads
+    # (benchmarks/RESULTS.md, "Contention"). Same values.
     if x.shape[0] == 1:
         return x[0].index_select(0, index[0]).unsqueeze(0)
     batch, n = x.shape[0], x.shape[1]
@@ -147,12 +138,12 @@ class FocusEncoder(nn.Module):
         features: Tensor,
         pos: Tensor,
         reference_points: Tensor,
-        padding_mask: Tensor,
+        padding_mask: Tensor | None,
         spatial_shapes: Tensor,
         selection: TokenSelection | None,
         foreground_scores: Tensor | None,
         category_head: nn.Module | None,
-        per_image_oesm: bool,
+        batching: Batching,
         policy: SelectionPolicy,
     ) -> tuple[Tensor, list[Tensor]]:
         """
@@ -160,11 +151,11 @@ class FocusEncoder(nn.Module):
             features:          ``[B, N, C]`` flattened neck features (no position embedding).
             pos:               ``[B, N, C]`` position + level embedding.
             reference_points:  ``[B, N, L, 2]`` token centres on every level.
-            padding_mask:      ``[B, N]`` True on padding.
+            padding_mask:      ``[B, N]`` True on padding (None: no padding).
             selection:         tokens per layer (None: every layer updates every token, dense mode).
             foreground_scores: ``[B, N]`` foreground logits used by OESM (focus mode).
             category_head:     multi-category score predictor (the two-stage class head, shared).
-            per_image_oesm:    exclude slots that are not this image's own tokens from OESM (batch-invariant).
+            batching:          batch semantics (which slots of a smaller image take part in OESM).
         Returns:
             memory ``[B, N, C]`` and, per layer, the token ids that took part in OESM ``[B, M_l]``.
         """
@@ -176,25 +167,24 @@ class FocusEncoder(nn.Module):
                 out = layer(out, pos, reference_points, value, padding_mask, spatial_shapes)
                 continue
             index = selection.indices[layer_id]
-            if index.shape[1] == 0:
-                continue
-            x = _gather_tokens(out, index)
+            previous = _gather_tokens(out, index)
+            x = previous
             x_pos = _gather_tokens(pos, index)
             ref = _gather_tokens(reference_points, index)
             if layer.with_oesm:
                 assert foreground_scores is not None and category_head is not None
                 x, ids = self._oesm(layer, layer_id, x, x_pos, index, selection.write_back[layer_id],
-                                    foreground_scores, category_head, per_image_oesm, policy)
+                                    foreground_scores, category_head, batching, policy)
                 oesm_token_ids.append(ids)
             x = layer(x, x_pos, ref, value, padding_mask, spatial_shapes)
             # Only the image's own budget is written back; extra slots of smaller images keep the old value.
             keep = selection.write_back[layer_id][..., None]
-            x = torch.where(keep, x, _gather_tokens(out, index))
+            x = torch.where(keep, x, previous)
             out = out.scatter(1, index[..., None].expand(-1, -1, out.shape[-1]), x)
         return out, oesm_token_ids
 
     def _oesm(self, layer: EncoderLayer, layer_id: int, x: Tensor, x_pos: Tensor, index: Tensor,
-              own_slots: Tensor, foreground_scores: Tensor, category_head: nn.Module, per_image: bool,
+              own_slots: Tensor, foreground_scores: Tensor, category_head: nn.Module, batching: Batching,
               policy: SelectionPolicy) -> tuple[Tensor, Tensor]:
         category_logits = category_head(x).max(-1)[0]
         fg = torch.gather(foreground_scores, 1, index)
@@ -203,15 +193,8 @@ class FocusEncoder(nn.Module):
             score = category_logits * fg
         else:
             score = category_logits.sigmoid() * fg.sigmoid()
-        num = min(self.cfg.oesm_topk, x.shape[1])
-        key_padding_mask = None
-        if per_image:
-            score = score.masked_fill(~own_slots, float("-inf"))
-            # At least one key per image, so an image with no own slot here never attends over nothing (NaN).
-            per_image_num = own_slots.sum(1).clamp(min=1, max=num)
-            key_padding_mask = torch.arange(num, device=x.device)[None, :] >= per_image_num[:, None]
-            if not bool(key_padding_mask.any()):
-                key_padding_mask = None
+        num = torch.sym_min(self.cfg.oesm_topk, x.shape[1])
+        score, key_padding_mask = batching.mask_oesm(score, own_slots, num)
         positions = policy.oesm(score, num, layer_id)
         x = layer.object_enhanced_self_attention(x, x_pos, positions, key_padding_mask)
         return x, torch.gather(index, 1, positions)

@@ -5,17 +5,19 @@ Everything here works on flattened multi-scale tokens ``[B, N, C]`` (levels fine
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def token_proposals(padding_mask: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
+def token_proposals(padding_mask: Tensor, shapes: Sequence[tuple[int, int]]) -> tuple[Tensor, Tensor]:
     """One square box proposal per token, centred on it, sized ``0.05 * 2^level`` of the valid region.
 
     Args:
-        padding_mask:   ``[B, N]`` True on padded tokens.
-        spatial_shapes: ``[L, 2]`` ``(H_l, W_l)``.
+        padding_mask: ``[B, N]`` True on padded tokens.
+        shapes:       per level ``(H_l, W_l)`` as Python ints.
     Returns:
         proposals: ``[B, N, 4]`` box logits (``log(p / (1 - p))`` of cxcywh, unclamped as the official code),
                    ``+inf`` at padded tokens and tokens whose box is not inside ``(0.01, 0.99)``.
@@ -25,15 +27,13 @@ def token_proposals(padding_mask: Tensor, spatial_shapes: Tensor) -> tuple[Tenso
     device = padding_mask.device
     proposals = []
     start = 0
-    for level, (h, w) in enumerate(spatial_shapes.tolist()):
+    for level, (h, w) in enumerate(shapes):
         mask_l = padding_mask[:, start:start + h * w].view(batch, h, w)
         valid_h = (~mask_l[:, :, 0]).sum(1)
         valid_w = (~mask_l[:, 0, :]).sum(1)
-        grid_y, grid_x = torch.meshgrid(
-            torch.linspace(0, h - 1, h, dtype=torch.float32, device=device),
-            torch.linspace(0, w - 1, w, dtype=torch.float32, device=device),
-            indexing="ij",
-        )
+        # arange equals the official linspace(0, h - 1, h) exactly (integers, step 1.0).
+        grid_y, grid_x = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device),
+                                        torch.arange(w, dtype=torch.float32, device=device), indexing="ij")
         grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
         scale = torch.cat([valid_w.unsqueeze(-1), valid_h.unsqueeze(-1)], 1).view(batch, 1, 1, 2)
         grid = (grid.unsqueeze(0).expand(batch, -1, -1, -1) + 0.5) / scale
@@ -92,18 +92,20 @@ class ForegroundTokenSelector(nn.Module):
         self.alpha = nn.Parameter(torch.empty(num_levels - 1).uniform_(-0.3, 0.3))
         self.num_levels = num_levels
 
-    def forward(self, tokens: Tensor, spatial_shapes: Tensor, level_sizes: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, shapes: Sequence[tuple[int, int]], valid: list[Tensor] | None = None,
+                level_sizes: Tensor | None = None) -> Tensor:
         """
         Args:
-            tokens:         ``[B, N, C]`` projected tokens (padded / invalid tokens already zeroed).
-            spatial_shapes: ``[L, 2]`` ``(H_l, W_l)``.
-            level_sizes:    ``[B, L, 2]`` valid ``(h, w)`` of each image on each level, or None for the official
-                            behaviour (the whole padded map is upsampled and averaged, padding included).
+            tokens:      ``[B, N, C]`` projected tokens (padded / invalid tokens already zeroed).
+            shapes:      per level ``(H_l, W_l)`` as Python ints.
+            valid:       per level ``[B, H_l * W_l]`` tokens that count in the score network's global mean, or
+                         None for the official behaviour (the whole padded map is averaged, padding included).
+            level_sizes: ``[B, L, 2]`` valid ``(h, w)`` of each image on each level, to upsample each image's own
+                         region; None upsamples whole maps (official, or no image is padded).
         Returns:
             ``[B, N]`` raw foreground logits (before any masking).
         """
         batch, _, channels = tokens.shape
-        shapes = spatial_shapes.tolist()
         starts = [0]
         for h, w in shapes:
             starts.append(starts[-1] + h * w)
@@ -112,18 +114,12 @@ class ForegroundTokenSelector(nn.Module):
         for i, level in enumerate(reversed(range(self.num_levels))):
             h, w = shapes[level]
             x = tokens[:, starts[level]:starts[level + 1]]
-            valid = None
-            if level_sizes is not None:
-                rows = torch.arange(h, device=tokens.device)
-                cols = torch.arange(w, device=tokens.device)
-                valid = ((rows[None, :, None] < level_sizes[:, level, 0, None, None])
-                         & (cols[None, None, :] < level_sizes[:, level, 1, None, None])).flatten(1)
             if coarser is not None:
                 up = self._upsample(coarser, (h, w), level, level_sizes)
                 grid = x.reshape(batch, h, w, channels).permute(0, 3, 1, 2)
                 # Same operation order as the official code ((x * up) * alpha) to stay bit-close.
                 x = x + (grid * up * self.alpha[i - 1]).permute(0, 2, 3, 1).reshape(batch, -1, channels)
-            score = self.score_net(x, valid)
+            score = self.score_net(x, None if valid is None else valid[level])
             scores[level] = score
             coarser = score.reshape(batch, 1, h, w)
         return torch.cat(scores, dim=1).squeeze(-1)

@@ -65,6 +65,55 @@ class Detections:
                              data={"class_name": np.array(self.names)})
 
 
+def select_detections(
+    logits: Tensor,
+    boxes: Tensor,
+    num_detections: int,
+    query_padding_mask: Tensor | None = None,
+    policy: SelectionPolicy = DEFAULT_POLICY,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Top-``K`` over queries x classes, ``K = min(num_detections, Q * C)`` (tensor ops only: traceable).
+
+    Args:
+        logits:             ``[B, Q, C]`` final-layer class logits.
+        boxes:              ``[B, Q, 4]`` sigmoid cxcywh, normalised to each image's network-input size.
+        query_padding_mask: ``[B, Q]`` True on queries that carry no prediction (ranked last, score -1).
+    Returns:
+        scores ``[B, K]`` (sigmoid, descending), labels ``[B, K]``, query indices ``[B, K]`` and boxes
+        ``[B, K, 4]`` xyxy, normalised.
+    """
+    batch, num_queries, num_classes = logits.shape
+    prob = logits.sigmoid()
+    if query_padding_mask is not None:
+        prob = prob.masked_fill(query_padding_mask[..., None], -1.0)
+    k = torch.sym_min(num_detections, num_queries * num_classes)
+    scores, flat = policy.detections(prob.view(batch, -1), k)
+    query = torch.div(flat, num_classes, rounding_mode="floor")
+    labels = flat % num_classes
+    picked = torch.gather(boxes, 1, query[..., None].expand(-1, -1, 4))
+    return scores, labels, query, box_cxcywh_to_xyxy(picked)
+
+
+def boxes_to_pixels(boxes: Tensor, input_sizes: Tensor, original_sizes: Tensor | None = None) -> Tensor:
+    """Normalised xyxy ``[B, K, 4]`` -> pixels of ``original_sizes [B, 2]`` ``(h, w)`` (default: of the
+    network input, ``input_sizes [B, 2]``), clipped to the image.
+
+    Two steps, as detectron2: to network-input pixels, then by the ``original / input`` ratio (computed in
+    float64, then rounded to float32).
+    """
+    in_wh = input_sizes.flip(-1).to(boxes.dtype)
+    pixels = boxes * torch.cat([in_wh, in_wh], -1)[:, None]
+    if original_sizes is None:
+        limit = in_wh
+    else:
+        out_wh = original_sizes.to(input_sizes.device).flip(-1)
+        ratio = (out_wh.cpu().double() / input_sizes.flip(-1).cpu().double()).to(boxes.dtype).to(boxes.device)
+        pixels = pixels * torch.cat([ratio, ratio], -1)[:, None]
+        limit = out_wh.to(boxes.dtype)
+    limit = torch.cat([limit, limit], -1)[:, None]
+    return torch.minimum(torch.maximum(pixels, torch.zeros_like(limit)), limit)
+
+
 def postprocess(
     logits: Tensor,
     boxes: Tensor,
@@ -85,28 +134,11 @@ def postprocess(
         original_sizes: ``[B, 2]`` ``(h, w)`` to rescale to (default: the input sizes).
         query_padding_mask: ``[B, Q]`` True on queries that carry no prediction.
     """
-    batch, num_queries, num_classes = logits.shape
-    prob = logits.sigmoid()
-    if query_padding_mask is not None:
-        prob = prob.masked_fill(query_padding_mask[..., None], -1.0)
-    k = min(num_detections, num_queries * num_classes)
-    scores, flat = policy.detections(prob.view(batch, -1), k)
-    query = torch.div(flat, num_classes, rounding_mode="floor")
-    labels = flat % num_classes
-    picked = torch.gather(boxes, 1, query[..., None].expand(-1, -1, 4))
-    xyxy = box_cxcywh_to_xyxy(picked)
-    if original_sizes is None:
-        original_sizes = input_sizes
+    scores, labels, query, xyxy = select_detections(logits, boxes, num_detections, query_padding_mask, policy)
+    xyxy = boxes_to_pixels(xyxy, input_sizes, original_sizes)
     results = []
-    for b in range(batch):
-        in_h, in_w = [float(v) for v in input_sizes[b].tolist()]
-        out_h, out_w = [float(v) for v in original_sizes[b].tolist()]
-        # Scale to the network input in pixels, then to the original image (two steps, as detectron2).
-        bx = xyxy[b] * torch.tensor([in_w, in_h, in_w, in_h], dtype=xyxy.dtype, device=xyxy.device)
-        bx = bx * torch.tensor([out_w / in_w, out_h / in_h, out_w / in_w, out_h / in_h], dtype=xyxy.dtype,
-                               device=xyxy.device)
-        bx = torch.stack([bx[:, 0].clamp(0, out_w), bx[:, 1].clamp(0, out_h),
-                          bx[:, 2].clamp(0, out_w), bx[:, 3].clamp(0, out_h)], dim=1)
+    for b in range(logits.shape[0]):
+        bx = xyxy[b]
         keep = ((bx[:, 2] - bx[:, 0]) > 0) & ((bx[:, 3] - bx[:, 1]) > 0) & (scores[b] >= max(score_threshold, 0.0))
         lab = labels[b][keep]
         names = [class_names[i] if class_names is not None else str(i) for i in lab.tolist()]

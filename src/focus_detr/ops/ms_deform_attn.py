@@ -12,12 +12,11 @@ Implementations and how one is chosen (visible, never silent):
   formulation with a hand-written backward; same contract, equal to the reference up to float rounding
   (tested in float64 and with ``gradcheck`` in ``tests/test_ms_deform_attn.py``).
 * ``"auto"`` (the default): per call, by the device of ``value``, following :data:`AUTO_RULE`:
-  ``"fast"`` on CPU, where ``benchmarks/bench_msda.py`` measured it 9-12x faster forward and ~5x faster
-  forward+backward at the 800x1333 encoder shapes (dense and focus), 2.7x / 2.2x at the decoder shape
-  (2-core AMD EPYC, 2 threads), with a fifth of the reference's peak memory; ``"reference"`` on every
-  other device. One caveat: it runs 2-3x more (smaller) multi-threaded ops, so on a CPU oversubscribed by
-  other processes, where every parallel region waits for a descheduled thread, its advantage shrinks and
-  at the decoder shape it was measured slower (see the benchmark's notes). CUDA stays on the reference
+  ``"fast"`` on CPU, where ``benchmarks/bench_msda.py`` measured it several times faster than the reference
+  at the encoder and decoder shapes, with a fraction of its peak memory (figures: benchmarks/RESULTS.md);
+  ``"reference"`` on every other device. One caveat: it runs more (smaller) multi-threaded ops, so on a CPU
+  oversubscribed by other processes, where every parallel region waits for a descheduled thread, its
+  advantage shrinks (see the benchmark's notes). CUDA stays on the reference
   because no GPU was available to measure when this rule was set: there ``grid_sample`` is one fused
   kernel per level, while the fast path's advantages (channels-last rows, no broadcast multiply over a
   16-wide inner dimension) are CPU-cache arguments. Change the rule only with a measurement
@@ -61,12 +60,13 @@ def ms_deform_attn_reference(
     """
     batch, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
-    value_per_level = value.split(sizes, dim=1)
+    # Read once; no int() on the values: under torch.export they are symbolic sizes (traced, not frozen).
+    shapes = spatial_shapes.tolist()
+    value_per_level = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample works on [-1, 1] coordinates.
     grids = 2 * sampling_locations - 1
     sampled_per_level = []
-    for level, (h, w) in enumerate(spatial_shapes.tolist()):
+    for level, (h, w) in enumerate(shapes):
         # [B, H_l*W_l, heads, D] -> [B*heads, D, H_l, W_l]
         value_l = value_per_level[level].flatten(2).transpose(1, 2).reshape(batch * num_heads, head_dim, h, w)
         # [B, Q, heads, P, 2] -> [B*heads, Q, P, 2]

@@ -17,19 +17,18 @@ What this implementation does instead (plain PyTorch ops only, CPU and CUDA):
 
   - value: the transposed problem. Samples are sorted by top-left row, and 4 ``embedding_bag`` calls (one
     per corner) sum ``weight * grad_out`` over the samples of each top-left row; :func:`_fold_corner_grads`
-    then shifts the 4 results onto the cells. This took ~0.6x the time of ``scatter_add_`` of materialised
-    4-corner rows (the best of the scatter / ``index_add_`` / ``index_put_`` variants tried); sorting the
-    ``B*Q*heads*L*P`` int32 keys is cheap.
+    then shifts the 4 results onto the cells (faster than ``scatter_add_`` / ``index_add_`` / ``index_put_``
+    of materialised 4-corner rows); sorting the ``B*Q*heads*L*P`` int32 keys is cheap.
   - locations and attention weights: per-corner dot products ``<grad_out, value[corner]>``, combined in
     closed form. The dots are one sampled dense-dense matmul (``torch.sparse.sampled_addmm`` on a CSR pattern
     with ``4 * L * P`` entries per ``(query, head)``); where that op is unavailable, corner rows are gathered
-    in cache-sized chunks (``embedding_bag`` with bags of one row, ~2x faster than ``index_select`` for
-    128-byte rows) and reduced with a ``bmm``.
+    in cache-sized chunks (``embedding_bag`` with bags of one row, faster than ``index_select`` for short
+    rows) and reduced with a ``bmm``.
 * Queries are processed in spatial order (:func:`_spatial_order`) so that neighbouring bags read neighbouring
   rows; outputs and gradients are returned in the caller's order.
 * Per-sample arithmetic runs on "planar" ``[n, heads, 2 | 4, L*P]`` tensors with per-level constants
   repeated to full ``L*P`` width: broadcasting a ``[L, 1, 2]`` constant against interleaved ``(x, y)`` pairs
-  leaves PyTorch's CPU kernels an inner loop of length 2, measured ~35x slower per element.
+  leaves PyTorch's CPU kernels an inner loop of length 2, many times slower per element.
 
 Numerics (``align_corners=False``, zero padding, as ``grid_sample``): location ``x`` maps to pixel
 coordinate ``x * W - 0.5`` (pixel ``i`` is centred at ``(i + 0.5) / W``), the formula of the official CUDA
@@ -46,8 +45,7 @@ an integer (a kink of the bilinear weights) the two location gradients are the t
 Memory: the padded table (~1x ``value``), per-sample geometry saved for the backward (20 bytes per sample
 point in float32 with int32 rows, ~57 MB for the dense 800x1333 encoder), chunk temporaries (see
 ``FORWARD_CHUNK_SAMPLES``), and in the backward four ``[B * N_pad * heads, D]`` corner gradients plus sort
-buffers. Measured peak (RSS growth, dense 800x1333 encoder, float32): forward 213 MB vs 1.09 GB for the
-reference, forward+backward 447 MB vs 1.18 GB.
+buffers; a fraction of the reference's peak (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -60,26 +58,23 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-# Chunk sizes, in sample points (one sample = one (query, head, level, point)); measured on a 2-core AMD EPYC
-# (Zen 4, 2 MB L2/core, 32 MB L3), 800x1333 shapes. Per-sample work is chunked only to bound temporaries
-# (~50 bytes per sample point); single-threaded time is flat from 2**18 to 2**22, but every op in the chunk
-# loop is a parallel region that must wake the second thread, which on a busy machine cost ~10 ms each
-# (2 threads, load ~4: forward 730 ms at 2**20 vs 370 ms at 2**22), so chunks are large: the dense
-# 800x1333 encoder (2.8M sample points) runs as one chunk, ~190 MB of temporaries in the forward pass.
+# Chunk sizes, in sample points (one sample = one (query, head, level, point)). Per-sample work is chunked
+# only to bound temporaries (~50 bytes per sample point); single-threaded time does not depend on the chunk
+# size over a wide range, but every op in the chunk loop is a parallel region that must wake the other
+# threads, which is expensive on a busy machine, so chunks are large: the dense 800x1333 encoder (2.8M
+# sample points) runs as one chunk, ~190 MB of temporaries in the forward pass.
 # ``BACKWARD_CHUNK_SAMPLES`` bounds the gathered corner rows of the fallback dot-product path (4 * D * 4 bytes
 # per sample point, 8 MB at 2**14, kept cache-resident until the ``bmm`` reads them).
 FORWARD_CHUNK_SAMPLES = 2**22
 BACKWARD_CHUNK_SAMPLES = 2**14
 
-# Per-corner dot products in the backward: one sparse SDDMM call (``torch.sparse.sampled_addmm``, ~2x
-# faster than gather + bmm here and a single parallel region) or, if False or unsupported, the gather path.
-USE_SDDMM = True
-
-# Process queries in spatial order (see :func:`_spatial_order`).
-SPATIAL_ORDER = True
+# Per-corner dot products in the backward: one sparse SDDMM call (``torch.sparse.sampled_addmm``, one
+# parallel region) where the build and device support it, else the gather path (see
+# _location_and_weight_grads); set to False after the first failure of the sparse op.
+_sddmm_supported = True
 
 # Table rows are computed in floating point (exact below 2**24 in float32, else float64 is used) and
-# stored as int32 when they fit: int32 halves index memory and makes the backward's sort ~2x faster.
+# stored as int32 when they fit: int32 halves index memory and speeds up the backward's sort.
 _FLOAT32_EXACT = 2**24
 _INT32_MAX = 2**31 - 1
 
@@ -278,7 +273,7 @@ def _value_grad(
     sorted_keys, order = torch.sort(keys, stable=True)
     all_rows = torch.arange(consts.table_rows, dtype=sorted_keys.dtype, device=sorted_keys.device)
     offsets = torch.searchsorted(sorted_keys, all_rows)
-    # sample (q, h, l, p) -> its output row (q, h); a shift when L*P is a power of two (3x cheaper than //)
+    # sample (q, h, l, p) -> its output row (q, h); a shift when L*P is a power of two (cheaper than //)
     shift = num_samples.bit_length() - 1
     members = order >> shift if num_samples == 1 << shift else order // num_samples
     # [4, B*Q, heads, L*P]: weight of each corner, corner-major so that each corner's weights are contiguous.
@@ -353,7 +348,7 @@ def _location_and_weight_grads(
     Returns:
         ``grad_loc [B*Q, heads, L*P, 2]`` and ``grad_weights [B*Q, heads, L*P]`` (``None`` if not needed).
     """
-    global USE_SDDMM
+    global _sddmm_supported
     total, num_heads, num_samples = top_left_all.shape
     corners = 4 * num_samples
     grad_loc = table.new_empty(total, num_heads, num_samples, 2) if need_loc else None
@@ -365,11 +360,11 @@ def _location_and_weight_grads(
         rows = (top_left_all[q0:q1].unsqueeze(2) + consts.corner_offsets).view(n * num_heads, corners)
         grad_chunk = grad_rows[q0 * num_heads : q1 * num_heads]
         dots = None
-        if USE_SDDMM:
+        if _sddmm_supported:
             try:
                 dots = _corner_dots_sddmm(grad_chunk, table, rows)
             except (RuntimeError, NotImplementedError):  # a build or device without sparse CSR SDDMM
-                USE_SDDMM = False
+                _sddmm_supported = False
         if dots is None:
             gather_rows = max(1, BACKWARD_CHUNK_SAMPLES // num_samples)
             dots = _corner_dots_gather(grad_chunk, table, rows, gather_rows)
@@ -397,10 +392,8 @@ def _spatial_order(locations: Tensor, num_queries: int, layout: _Layout) -> Tens
     their first sampling point (head 0, point 0).
 
     Neighbouring queries then read neighbouring table rows, which keeps the gathers cache-friendly when the
-    caller's order is spatially random (the focus encoder's score-sorted tokens): measured ~15% less time for
-    the forward and for forward+backward at the 800x1333 focus shape, no change at the dense (already raster
-    ordered) and decoder shapes. ``locations``: ``[B*Q, heads,
-    2, L*P]`` planar view. Batches stay in order, so position ``i`` of the permutation is still batch
+    caller's order is spatially random (the focus encoder's score-sorted tokens). ``locations``: ``[B*Q,
+    heads, 2, L*P]`` planar view. Batches stay in order, so position ``i`` of the permutation is still batch
     ``i // Q``.
     """
     height, width = layout.shapes[0]
@@ -437,7 +430,7 @@ class _MSDeformAttnFast(torch.autograd.Function):
         locations = sampling_locations.reshape(total, num_heads, num_samples, 2).transpose(-1, -2)
         weights = attention_weights.reshape(total, num_heads, num_samples)
         # Work in spatial order (see _spatial_order); the output is put back in the caller's order at the end.
-        order = _spatial_order(locations, num_queries, layout) if SPATIAL_ORDER and total > 1 else None
+        order = _spatial_order(locations, num_queries, layout) if total > 1 else None
         if order is not None:
             locations = locations.index_select(0, order)
             weights = weights.index_select(0, order)
