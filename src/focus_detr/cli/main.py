@@ -15,7 +15,7 @@ from ..devices import DeviceError
 
 # Order = order in --help.
 COMMANDS = ["demo", "make_data", "train", "eval", "predict", "explain", "convert", "info", "models", "export",
-            "benchmark", "compare_modes"]
+            "benchmark", "compare_modes", "app"]
 
 
 class CLIError(Exception):
