@@ -335,7 +335,7 @@ def foreground_maps(analysis: Analysis) -> list[tuple[Image.Image, str]]:
         values = _sample(prob, stride, rgb.shape[:2], sy, sx)
         colour = cmap(values)[..., :3].astype(np.float32)
         h_l, w_l = prob.shape
-        out.append((_to_image(0.3 * gray + 0.7 * colour), f"{stride}-px cells ({h_l}×{w_l} tokens)"))
+        out.append((_to_image(0.3 * gray + 0.7 * colour), f"{stride}-px cells: {h_l}×{w_l}"))
     return out
 
 

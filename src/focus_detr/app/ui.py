@@ -90,7 +90,7 @@ def build_app(slot: ModelSlot, examples: list[core.Example], load_weights: Calla
                 with gr.Tabs():
                     with gr.Tab("Detections", id="detections"):
                         picture = gr.Image(label="Detections", type="pil", interactive=False, elem_id="picture",
-                                           format="png")
+                                           format="png", height=440)
                         summary = gr.Markdown("", elem_id="summary")
                         table = gr.Dataframe(headers=list(core.TABLE_HEADERS), label="Detections (original pixels)",
                                              interactive=False, elem_id="table", max_height=360)
@@ -99,17 +99,17 @@ def build_app(slot: ModelSlot, examples: list[core.Example], load_weights: Calla
                     with gr.Tab("Focus maps", id="focus"):
                         gr.Markdown("### Foreground score per feature level\n" + core.FOREGROUND_CAPTION,
                                     elem_id="caption-foreground")
-                        levels = gr.Gallery(label="Foreground score", columns=4, height=260, object_fit="contain",
+                        levels = gr.Gallery(label="Foreground score", columns=4, height="auto", object_fit="contain",
                                             elem_id="foreground", allow_preview=False)
                         layer = gr.Slider(1, num_layers, value=1, step=1, label="Encoder layer", elem_id="layer")
                         gr.Markdown("### Tokens kept by this layer\n" + core.KEPT_CAPTION, elem_id="caption-kept")
                         kept_picture = gr.Image(label="Tokens kept", type="pil", interactive=False, elem_id="kept",
-                                                format="png")
+                                                format="png", height=400)
                         kept_note = gr.Markdown("", elem_id="kept-note")
                         gr.Markdown("### Object-enhanced self-attention (OESM) tokens\n" + core.OESM_CAPTION,
                                     elem_id="caption-oesm")
                         oesm_picture = gr.Image(label="OESM tokens", type="pil", interactive=False, elem_id="oesm",
-                                                format="png")
+                                                format="png", height=400)
                         oesm_note = gr.Markdown("", elem_id="oesm-note")
         state = gr.State(None)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import sys
 
@@ -61,14 +62,36 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_listen(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (in use, not an address of this machine), or None. Checked
+    before the model is loaded, so a busy port fails in a second."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        return f"unknown address ({e.strerror or e})"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)
+        except OSError as e:
+            reason = "the port is in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+            return f"{reason} (choose another with --port)" if e.errno == errno.EADDRINUSE else reason
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    import importlib.util
+
     from .main import CLIError
     from .predict_cmd import model_from_args
 
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise CLIError("focus-detr app needs the optional app extra: pip install 'focus-detr[app]'") from None
+    if importlib.util.find_spec("gradio") is None:  # found without importing it (seconds)
+        raise CLIError("focus-detr app needs the optional app extra: pip install 'focus-detr[app]'")
+    problem = check_listen(args.host, args.port)
+    if problem:
+        raise CLIError(f"cannot listen on {args.host}:{args.port}: {problem}")
     from ..app import DEMO_WEIGHTS, serve
 
     if args.random_init and args.weights is not None:
@@ -92,6 +115,6 @@ def run(args: argparse.Namespace) -> int:
               "password)", file=sys.stderr)
     try:
         serve(model, args.host, args.port, device=args.device, quiet=args.quiet, description=description)
-    except OSError as e:
-        raise CLIError(f"cannot listen on {args.host}:{args.port}: {e}") from None
+    except OSError as e:  # taken between the check and the start
+        raise CLIError(f"cannot listen on {args.host}:{args.port}: {str(e).split('. ')[0]}") from None
     return 0
