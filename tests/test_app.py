@@ -334,12 +334,13 @@ def _browser_or_skip():
 
 @pytest.fixture
 def served_app(tmp_path):
-    """`focus-detr app WEIGHTS --port N` in a subprocess (a tiny model at 128 px); yields the page's URL."""
-    weights = focus_detr.save(tiny_model(), tmp_path / "tiny.pt")
+    """`focus-detr app --port N` without weights, in a folder where `runs/demo/model_final.pth` exists (a tiny
+    model at 128 px), in a subprocess; yields the page's URL."""
+    focus_detr.save(tiny_model(), tmp_path / "runs" / "demo" / "model_final.pth")
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     log = open(tmp_path / "app.log", "w")
-    process = subprocess.Popen([*cli_command(), "app", str(weights), "--port", str(port), "--threads", "1"],
+    process = subprocess.Popen([*cli_command(), "app", "--port", str(port), "--threads", "1"],
                                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -385,7 +386,11 @@ def test_page_in_a_headless_browser(served_app, tmp_path, shapes, analysis) -> N
         return browser.find_element(By.ID, element_id).text
 
     def wait_for(condition, what: str, seconds: float = 60):
-        return WebDriverWait(browser, seconds, poll_frequency=0.2).until(lambda _: condition(), message=what)
+        try:
+            return WebDriverWait(browser, seconds, poll_frequency=0.2).until(lambda _: condition(), message=what)
+        except Exception:
+            screenshot(f"failed_{what.replace(' ', '_')[:40]}")
+            raise
 
     def set_number(element_id: str, value: float) -> None:
         box = browser.find_element(By.CSS_SELECTOR, f"#{element_id} input[type=number]")
@@ -403,8 +408,17 @@ def test_page_in_a_headless_browser(served_app, tmp_path, shapes, analysis) -> N
     try:
         browser.get(served_app)
         wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#image-in input[type=file]"), "the upload box")
-        assert "Model: weights file" in text("model-line")
         assert "held-out shapes 1" in browser.page_source and "Grace Hopper" in browser.page_source  # examples
+
+        # No weights given: the page says how to get some; an upload says so too; then the demo model's button.
+        assert "No model loaded." in text("no-model") and "focus-detr demo" in text("no-model")
+        assert "runs/demo/model_final.pth" in text("no-model")
+        browser.find_element(By.CSS_SELECTOR, "#image-in input[type=file]").send_keys(str(shapes[0]))
+        wait_for(lambda: "load the demo-trained model with the button" in text("message"), "the no-model message")
+        screenshot("0_no_model")
+        browser.find_element(By.ID, "load-demo").click()
+        wait_for(lambda: "weights file runs/demo/model_final.pth" in text("model-line"), "the demo model loaded")
+        assert not any(e.is_displayed() for e in browser.find_elements(By.ID, "no-model"))
 
         # Upload: the picture, the summary with tokens kept and the measured time.
         browser.find_element(By.CSS_SELECTOR, "#image-in input[type=file]").send_keys(str(shapes[0]))

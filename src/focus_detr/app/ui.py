@@ -113,72 +113,68 @@ def build_app(slot: ModelSlot, examples: list[core.Example], load_weights: Calla
                         oesm_note = gr.Markdown("", elem_id="oesm-note")
         state = gr.State(None)
 
-        results = [state, message, picture, summary, table, coco_file, levels, layer, kept_picture, kept_note,
-                   oesm_picture, oesm_note]
+        # A model run sets the analysis (and what does not depend on the sliders); the threshold and layer views
+        # are drawn by the handlers those sliders use, chained after every run with `.then`, so they always
+        # read the sliders' current values (a slider moved while the model runs is never overwritten).
+        results = [state, message, levels, layer]
+        threshold_views = [picture, summary, table, coco_file]
+        layer_views = [kept_picture, kept_note, oesm_picture, oesm_note]
 
-        def show(analysis: Analysis | None, threshold_value: float, layer_value: int, error: str | None = None,
-                 info: str | None = None) -> list[Any]:
+        def show(analysis: Analysis | None, error: str | None = None) -> list[Any]:
             if analysis is None:
-                text = error or info or ""
-                return [None, _message(text, "error" if error else "info"), None, "", _empty_table(), None, [],
-                        gr.update(), None, "", None, ""]
-            layer_index = min(max(int(layer_value), 1), max(analysis.num_layers, 1)) - 1
-            kept = core.kept_map(analysis, layer_index) if analysis.num_layers else None
-            oesm = core.oesm_map(analysis, layer_index) if analysis.num_layers else None
-            return [analysis, _message(info, "info") if info else gr.update(value="", visible=False),
-                    core.draw(analysis, threshold_value), core.summary_markdown(analysis, threshold_value),
-                    _table(analysis, threshold_value), str(core.write_coco_json(analysis, threshold_value, work)),
+                return [None, _message(error, "error") if error else gr.update(value="", visible=False), [],
+                        gr.update()]
+            return [analysis, gr.update(value="", visible=False),
                     [(im, caption) for im, caption in core.foreground_maps(analysis)],
-                    gr.update(maximum=max(analysis.num_layers, 1), value=layer_index + 1),
-                    kept[0] if kept else None, kept[1] if kept else "This model's encoder keeps every token.",
-                    oesm[0] if oesm else None, oesm[1] if oesm else "This model's encoder has no OESM step."]
+                    gr.update(maximum=max(analysis.num_layers, 1))]
 
-        def run(image: Any, name: str, keep: float, threshold_value: float, layer_value: int) -> list[Any]:
+        def run(image: Any, name: str, keep: float) -> list[Any]:
             if slot.model is None:
-                return show(None, threshold_value, layer_value, error=_no_model_message(slot))
+                return show(None, error=_no_model_message(slot))
             with slot.lock:
                 analysis = core.analyse(slot.model, image, keep, name=name)
-            return show(analysis, threshold_value, layer_value)
+            return show(analysis)
 
-        def on_image(upload: Any, keep: float, threshold_value: float, layer_value: int) -> list[Any]:
+        def on_image(upload: Any, keep: float) -> list[Any]:
             if upload is None:
-                return show(None, threshold_value, layer_value)
+                return show(None)
             try:
                 path, name = upload
                 image = core.read_upload(path, name)
             except UploadError as e:
-                return show(None, threshold_value, layer_value, error=str(e))
-            return run(image, name, keep, threshold_value, layer_value)
+                return show(None, error=str(e))
+            return run(image, name, keep)
 
-        def on_url(url: str, keep: float, threshold_value: float, layer_value: int) -> list[Any]:
+        def on_url(url: str, keep: float) -> list[Any]:
             try:
                 image, name = core.read_url(url)
             except UploadError as e:
-                return show(None, threshold_value, layer_value, error=str(e))
-            return run(image, name, keep, threshold_value, layer_value)
+                return show(None, error=str(e))
+            return run(image, name, keep)
 
-        def on_keep_ratio(analysis: Analysis | None, keep: float, threshold_value: float, layer_value: int
-                          ) -> list[Any]:
+        def on_keep_ratio(analysis: Analysis | None, keep: float) -> list[Any]:
             if analysis is None:
                 return [gr.update()] * len(results)
-            return run(analysis.image, analysis.name, keep, threshold_value, layer_value)
+            return run(analysis.image, analysis.name, keep)
 
         def on_threshold(analysis: Analysis | None, threshold_value: float) -> list[Any]:
             if analysis is None:
-                return [gr.update()] * 4
+                return [None, "", _empty_table(), None]
             return [core.draw(analysis, threshold_value), core.summary_markdown(analysis, threshold_value),
                     _table(analysis, threshold_value), str(core.write_coco_json(analysis, threshold_value, work))]
 
         def on_layer(analysis: Analysis | None, layer_value: int) -> list[Any]:
-            if analysis is None or not analysis.num_layers:
-                return [gr.update()] * 4
+            if analysis is None:
+                return [None, "", None, ""]
+            if not analysis.num_layers:
+                return [None, "This model's encoder keeps every token.", None, "This model's encoder has no OESM step."]
             index = min(max(int(layer_value), 1), analysis.num_layers) - 1
             kept = core.kept_map(analysis, index)
             oesm = core.oesm_map(analysis, index)
-            return [kept[0], kept[1], oesm[0] if oesm else None, oesm[1] if oesm else "This model's encoder has no "
-                                                                                      "OESM step."]
+            return [kept[0], kept[1], oesm[0] if oesm else None,
+                    oesm[1] if oesm else "This model's encoder has no OESM step."]
 
-        def on_load_demo(threshold_value: float, layer_value: int) -> list[Any]:
+        def on_load_demo() -> list[Any]:
             with slot.lock:
                 if slot.model is None and slot.demo_weights is not None:
                     try:
@@ -191,17 +187,17 @@ def build_app(slot: ModelSlot, examples: list[core.Example], load_weights: Calla
                     _message("Model loaded: pick an example or upload a picture.", "info")]
 
         model_events = dict(concurrency_id="model", concurrency_limit=1, show_progress="minimal")
-        image_in.change(on_image, [image_in, keep_ratio, threshold, layer], results, **model_events)
-        url_button.click(on_url, [url_in, keep_ratio, threshold, layer], results, **model_events)
-        url_in.submit(on_url, [url_in, keep_ratio, threshold, layer], results, **model_events)
-        keep_ratio.change(on_keep_ratio, [state, keep_ratio, threshold, layer], results, trigger_mode="always_last",
-                          **model_events)
-        threshold.change(on_threshold, [state, threshold], [picture, summary, table, coco_file],
-                         trigger_mode="always_last", show_progress="hidden")
-        layer.change(on_layer, [state, layer], [kept_picture, kept_note, oesm_picture, oesm_note],
-                     trigger_mode="always_last", show_progress="hidden")
-        demo_button.click(on_load_demo, [threshold, layer], [model_line, no_model_row, keep_ratio, message],
-                          **model_events)
+        views = dict(show_progress="hidden")
+        for event in (image_in.change(on_image, [image_in, keep_ratio], results, **model_events),
+                      url_button.click(on_url, [url_in, keep_ratio], results, **model_events),
+                      url_in.submit(on_url, [url_in, keep_ratio], results, **model_events),
+                      keep_ratio.change(on_keep_ratio, [state, keep_ratio], results, trigger_mode="always_last",
+                                        **model_events)):
+            event.then(on_threshold, [state, threshold], threshold_views, **views).then(
+                on_layer, [state, layer], layer_views, **views)
+        threshold.change(on_threshold, [state, threshold], threshold_views, trigger_mode="always_last", **views)
+        layer.change(on_layer, [state, layer], layer_views, trigger_mode="always_last", **views)
+        demo_button.click(on_load_demo, [], [model_line, no_model_row, keep_ratio, message], **model_events)
     app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     return app
 
