@@ -199,15 +199,14 @@ def test_drawing_uses_the_library(analysis) -> None:
 
 def test_focus_maps(analysis) -> None:
     levels = core.foreground_maps(analysis)
-    assert [caption.split(":")[0] for _, caption in levels] == ["8-px cells", "16-px cells", "32-px cells",
-                                                                 "64-px cells"]
-    assert all(im.size == (256, 192) for im, _ in levels)
+    assert [caption.split(":")[0] for _, caption in levels] == ["8 px", "16 px", "32 px", "64 px"]
+    assert all(im.size == (640, 480) for im, _ in levels)  # 256 x 192 enlarged to FOCUS_MAP_SIDE
     valid = int(analysis.arrays["valid_count"])
     yellow_shares = []
     for layer in range(analysis.num_layers):
         picture, caption = core.kept_map(analysis, layer)
         count = int(analysis.arrays["selected_inside_count"][layer])
-        assert picture.size == (256, 192) and f"{count:,} of {valid:,} tokens updated" in caption
+        assert picture.size == (640, 480) and f"{count:,} of {valid:,} tokens updated" in caption
         rgb = np.asarray(picture).astype(int)
         yellow_shares.append(float(((rgb[..., 0] - rgb[..., 2]) > 60).mean()))
         oesm = core.oesm_map(analysis, layer)

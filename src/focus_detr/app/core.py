@@ -36,7 +36,8 @@ MAX_UPLOAD_BYTES: int = 20 * 1024 * 1024
 MAX_UPLOAD_PIXELS: int = 40_000_000
 #: Detections kept per image (the threshold slider filters these, without running the model again).
 MAX_DETECTIONS: int = 100
-#: Longest side of the focus-map pictures (the token grids are much coarser than this anyway).
+#: Longest side of the focus-map pictures: larger photos are shrunk, small ones enlarged (at most 3x) so that
+#: the token cells have crisp edges on screen.
 FOCUS_MAP_SIDE: int = 640
 #: Timeout of one URL download (seconds).
 URL_TIMEOUT_S: float = 15.0
@@ -289,13 +290,13 @@ def _strides(analysis: Analysis) -> list[int]:
 
 
 def _display(analysis: Analysis) -> tuple[np.ndarray, float, float]:
-    """The picture shrunk to :data:`FOCUS_MAP_SIDE` as float RGB in [0, 1], and the factors that turn its
-    pixel coordinates into network-input pixels ``(sy, sx)``."""
+    """The picture scaled to :data:`FOCUS_MAP_SIDE` (enlarged at most 3x) as float RGB in [0, 1], and the
+    factors that turn its pixel coordinates into network-input pixels ``(sy, sx)``."""
     pil = Image.fromarray(analysis.image)
     w, h = pil.size
-    shrink = min(1.0, FOCUS_MAP_SIDE / max(w, h))
-    if shrink < 1.0:
-        pil = pil.resize((max(1, round(w * shrink)), max(1, round(h * shrink))), Image.BILINEAR)
+    scale = min(3.0, FOCUS_MAP_SIDE / max(w, h))
+    if scale != 1.0:
+        pil = pil.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
     rgb = np.asarray(pil, dtype=np.float32) / 255.0
     ih, iw = (int(v) for v in analysis.arrays["input_size"])
     return rgb, ih / rgb.shape[0], iw / rgb.shape[1]
@@ -335,7 +336,7 @@ def foreground_maps(analysis: Analysis) -> list[tuple[Image.Image, str]]:
         values = _sample(prob, stride, rgb.shape[:2], sy, sx)
         colour = cmap(values)[..., :3].astype(np.float32)
         h_l, w_l = prob.shape
-        out.append((_to_image(0.3 * gray + 0.7 * colour), f"{stride}-px cells: {h_l}×{w_l}"))
+        out.append((_to_image(0.3 * gray + 0.7 * colour), f"{stride} px: {h_l}×{w_l}"))
     return out
 
 

@@ -23,6 +23,7 @@ from .core import Analysis, UploadError
 QUEUE_SIZE: int = 16
 
 _CSS = """
+#picture img, #kept img, #oesm img { width: 100%; height: 100%; object-fit: contain; }
 #message.error { border-left: 4px solid #d62728; background: #fdecea; padding: 0.4em 0.8em; }
 #message.info { border-left: 4px solid #1f77b4; background: #eaf2fb; padding: 0.4em 0.8em; }
 """
@@ -99,7 +100,7 @@ def build_app(slot: ModelSlot, examples: list[core.Example], load_weights: Calla
                     with gr.Tab("Focus maps", id="focus"):
                         gr.Markdown("### Foreground score per feature level\n" + core.FOREGROUND_CAPTION,
                                     elem_id="caption-foreground")
-                        levels = gr.Gallery(label="Foreground score", columns=4, height="auto", object_fit="contain",
+                        levels = gr.Gallery(label="Foreground score", columns=4, height=240, object_fit="contain",
                                             elem_id="foreground", allow_preview=False)
                         layer = gr.Slider(1, num_layers, value=1, step=1, label="Encoder layer", elem_id="layer")
                         gr.Markdown("### Tokens kept by this layer\n" + core.KEPT_CAPTION, elem_id="caption-kept")

@@ -73,6 +73,8 @@ def check_listen(host: str, port: int) -> str | None:
         return f"unknown address ({e.strerror or e})"
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
+        # As the server binds (SO_REUSEADDR): a port left in TIME_WAIT by an app just stopped is free to use.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as e:
