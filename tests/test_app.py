@@ -365,6 +365,22 @@ def served_app(tmp_path):
         log.close()
 
 
+def _upload(url: str, size: int) -> int:
+    """POST a ``size``-byte file to Gradio's upload route; returns the HTTP status."""
+    import urllib.error
+
+    boundary = "focusdetrtestboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + bytes(size) + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(f"{url}gradio_api/upload", data=body,
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 def test_page_in_a_headless_browser(served_app, tmp_path, shapes, analysis) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -485,4 +501,7 @@ def test_page_in_a_headless_browser(served_app, tmp_path, shapes, analysis) -> N
         assert not any(e.is_displayed() and e.text for e in browser.find_elements(By.ID, "message"))
     finally:
         browser.quit()
+    # The upload limit is the server's too (not only the page's): a bigger file is refused with HTTP 413.
+    assert _upload(served_app, 1000) == 200
+    assert _upload(served_app, core.MAX_UPLOAD_BYTES + 1) == 413
     print(f"browser part: {time.monotonic() - started:.1f} s", file=sys.stderr)
