@@ -97,6 +97,8 @@ def test_bad_uploads_are_one_line_messages(tmp_path, shapes, case: str, message:
 def test_no_upload_and_bad_urls() -> None:
     with pytest.raises(core.UploadError, match="no image"):
         core.read_upload(None)
+    with pytest.raises(core.UploadError, match="pasted image: the upload did not arrive"):
+        core.read_upload("", name="pasted image")
     for url in ("", "ftp://example.com/a.jpg", "photo.jpg"):
         with pytest.raises(core.UploadError, match="give an http:// or https:// address"):
             core.read_url(url)
@@ -140,6 +142,17 @@ def test_analysis_is_explain_with_timing(analysis, shapes) -> None:
     assert (np.diff(analysis.detections.scores.numpy()) <= 0).all()  # most confident first
     assert 0 < analysis.encoder_ms < analysis.forward_ms
     assert analysis.num_layers == 2 and analysis.num_levels == 4
+
+
+def test_explain_without_figure(shapes) -> None:
+    from focus_detr.inference import explain
+
+    model = tiny_model()
+    full = explain(model, shapes[0], score_threshold=0.0)
+    bare = explain(model, shapes[0], score_threshold=0.0, figure=False)
+    assert full.figure is not None and bare.figure is None
+    assert torch.equal(full.detections.scores, bare.detections.scores)
+    assert sorted(full.arrays) == sorted(bare.arrays)
 
 
 @pytest.mark.parametrize("keep_ratio", [0.1, 0.3, 0.75, 1.0])

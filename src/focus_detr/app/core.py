@@ -60,8 +60,10 @@ def read_upload(path: str | os.PathLike[str] | None, name: str | None = None) ->
     ``name`` is what the user called the file (the upload's own path is a temporary name)."""
     if path is None:
         raise UploadError("no image: upload, paste or drop a picture, or pick an example")
+    label = name or Path(path).name or "the upload"
+    if not os.fspath(path):
+        raise UploadError(f"{label}: the upload did not arrive; try again")
     p = Path(path)
-    label = name or p.name
     try:
         size = p.stat().st_size
     except OSError:
@@ -182,20 +184,13 @@ def analyse(model: FocusDETR, image: np.ndarray, keep_ratio: float | None = None
         set_keep_ratio(model, keep_ratio)
     watches = [_Stopwatch(model), _Stopwatch(model.encoder)]
     try:
-        explanation = explain(model, image, score_threshold=0.0, max_detections=MAX_DETECTIONS)
+        explanation = explain(model, image, score_threshold=0.0, max_detections=MAX_DETECTIONS, figure=False)
     finally:
         for w in watches:
             w.close()
-    _release_figure(explanation.figure)
     return Analysis(image=image, detections=explanation.detections, arrays=explanation.arrays,
                     keep_ratio=model.cfg.encoder.keep_ratio if selects_tokens(model) else None,
                     forward_ms=1000.0 * watches[0].seconds, encoder_ms=1000.0 * watches[1].seconds, name=name)
-
-
-def _release_figure(figure: Any) -> None:
-    """The explain figure is not shown (the page draws its own panels); drop its artists at once."""
-    if figure is not None and hasattr(figure, "clear"):
-        figure.clear()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -409,7 +404,8 @@ class Example:
     label: str
 
 
-#: Photographs that ship with scikit-image (public domain / CC0, see skimage/data/README.txt), if installed.
+#: Photographs that ship with scikit-image, if installed (CC0 / public domain: see the docstrings of
+#: skimage.data.chelsea, .coffee and .astronaut).
 SKIMAGE_PHOTOS: tuple[tuple[str, str], ...] = (("chelsea.png", "a cat"), ("coffee.png", "a cup of coffee"),
                                                ("astronaut.png", "an astronaut"))
 
