@@ -220,7 +220,10 @@ class _RawImage(gr.Image):
         if payload is None:
             return None
         if getattr(payload, "path", None) is None:  # a pasted picture as a data: URL -> Gradio writes a file
-            path = super().preprocess(payload)
+            try:
+                path = super().preprocess(payload)
+            except Exception:  # noqa: BLE001 -- undecodable data: the page says the upload did not arrive
+                return "", "pasted image"
             return (str(path), "pasted image") if path is not None else None
         name = getattr(payload, "orig_name", None) or Path(payload.path).name
         return str(payload.path), os.path.basename(name)
