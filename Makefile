@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_TORCH := torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench browser clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,17 @@ demo: setup
 # TEST_WORKERS=0 runs everything in this one process.
 TEST_WORKERS ?= auto
 test: setup
+	-@$(MAKE) --no-print-directory browser || echo "note: Chromium could not be installed; the app's browser test is skipped (CI=true fails it)"
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadgroup --no-loadscope-reorder --durations=25 tests
+
+# Chromium and its driver from the system packages, for the app's browser test (tests/test_app.py); nothing to
+# do when both are there. Needs root (or sudo) and apt; .ci/run calls it on a fresh machine.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	else SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "installing chromium and chromium-driver (apt)"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	    chromium chromium-driver >/dev/null; fi
 
 bench: setup
 	$(PY) benchmarks/run_all.py

@@ -21,7 +21,7 @@ from test_cli_predict import make_picture, run_cli, save_tiny_weights
 
 ALL_COMMANDS = [name.replace("_", "-") for name in COMMANDS]
 # Commands that run a model: each has --device, --threads and --quiet.
-RUNS_A_MODEL = ["demo", "train", "eval", "predict", "explain", "export", "convert", "benchmark"]
+RUNS_A_MODEL = ["demo", "train", "eval", "predict", "explain", "export", "convert", "benchmark", "app"]
 # Commands whose old --no-progress flag stays accepted (hidden) as an alias of --quiet.
 HAD_NO_PROGRESS = ["demo", "train", "eval"]
 # The smallest argument list each command parses with (positionals and required options only).
@@ -29,7 +29,7 @@ MINIMAL = {
     "demo": [], "make-data": ["shapes"], "train": ["--data", "d", "--out", "o"], "eval": ["w.pth", "--data", "d"],
     "predict": ["w.pth", "a.jpg", "--out", "o"], "explain": ["w.pth", "a.jpg", "--out", "o"],
     "export": ["w.pth", "--format", "onnx", "o.onnx"], "convert": ["a.pth", "b.pth"], "info": ["tiny"],
-    "models": [], "benchmark": [], "compare-modes": ["--data", "d", "--out", "o"],
+    "models": [], "benchmark": [], "compare-modes": ["--data", "d", "--out", "o"], "app": [],
 }
 
 

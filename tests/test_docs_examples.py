@@ -46,6 +46,7 @@ SKIP: list[tuple[str, str]] = [
     (r"clip\.mp4", "needs a video file and the optional PyAV (tests/test_inputs.py covers videos)"),
     (r"^focus-detr export ", "ONNX export takes 1-2.5 min on 2 cores (tests/test_onnx.py runs it)"),
     (r"^focus-detr compare-modes ", "trains 15 models (about an hour of CPU); tests/test_compare_modes.py runs it tiny"),
+    (r"^focus-detr app\b", "starts a web server that runs until stopped; tests/test_app.py drives it in a browser"),
     (r"^focus-detr benchmark --preset r50_4scale", "minutes of CPU for R50 at 800x1333 (tests/test_bench.py runs tiny)"),
 ]
 

@@ -658,14 +658,14 @@ def _write_json(path: Path, data: Any) -> None:
 class Explanation(NamedTuple):
     """:func:`explain`'s result; unpacks as ``figure, arrays, detections``."""
 
-    figure: "Figure"
+    figure: "Figure | None"  # None when explain(..., figure=False)
     arrays: dict[str, np.ndarray]
     detections: Detections
 
 
 @torch.no_grad()
 def explain(model: FocusDETR, image: Any, score_threshold: float = 0.3, max_detections: int = 50,
-            title: str | None = None, width_inches: float = 16.0) -> Explanation:
+            title: str | None = None, width_inches: float = 16.0, figure: bool = True) -> Explanation:
     """Where Focus-DETR looks in one image: :func:`focus_detr.viz.explain_figure` and its arrays.
 
     ``image`` is a path, PIL image or array (as :meth:`FocusDETR.predict` takes). The model sees the image
@@ -674,6 +674,7 @@ def explain(model: FocusDETR, image: Any, score_threshold: float = 0.3, max_dete
     ``score_threshold`` / ``max_detections`` select the detections drawn and returned.
     ``arrays`` is :func:`focus_detr.viz.explain_arrays` plus ``image_size`` (original ``(h, w)``),
     ``input_size`` (network input ``(h, w)``) and the detections (``det_boxes``, ``det_scores``, ``det_labels``).
+    ``figure=False`` skips drawing the figure (``Explanation.figure`` is None): the arrays and detections only.
     """
     from .data.image_io import to_rgb_array
     from .model.preprocess import preprocess
@@ -701,10 +702,10 @@ def explain(model: FocusDETR, image: Any, score_threshold: float = 0.3, max_dete
     canvas = tuple(int(v) for v in batch.tensor.shape[-2:])
     common = dict(image_size=input_size, canvas_size=canvas, selected_valid=valid)
     arrays = explain_arrays(fg, outputs.spatial_shapes.cpu(), selected, oesm, **common)
-    figure = explain_figure(array, fg, outputs.spatial_shapes.cpu(), selected, oesm,
-                            detections=(det.boxes, det.scores, det.labels), class_names=cfg.class_names,
-                            score_threshold=score_threshold, max_detections=max_detections, title=title,
-                            width_inches=width_inches, **common)
+    drawn = None if not figure else explain_figure(
+        array, fg, outputs.spatial_shapes.cpu(), selected, oesm, detections=(det.boxes, det.scores, det.labels),
+        class_names=cfg.class_names, score_threshold=score_threshold, max_detections=max_detections, title=title,
+        width_inches=width_inches, **common)
     arrays.update({
         "image_size": np.asarray(array.shape[:2], dtype=np.int64),
         "input_size": np.asarray(input_size, dtype=np.int64),
@@ -712,7 +713,7 @@ def explain(model: FocusDETR, image: Any, score_threshold: float = 0.3, max_dete
         "det_scores": det.scores.numpy().astype(np.float32),
         "det_labels": det.labels.numpy().astype(np.int64),
     })
-    return Explanation(figure, arrays, det)
+    return Explanation(drawn, arrays, det)
 
 
 __all__ = ["IMAGE_EXTENSIONS", "InputProblem", "InputItem", "discover_images", "discover_inputs", "VideoSummary",

@@ -18,7 +18,7 @@ from .errors import CLIError, is_user_error, report_bug
 
 # Order = order in --help.
 COMMANDS = ["demo", "make_data", "train", "eval", "predict", "explain", "convert", "info", "models", "export",
-            "benchmark", "compare_modes"]
+            "benchmark", "compare_modes", "app"]
 
 
 def build_parser() -> argparse.ArgumentParser:
