@@ -125,6 +125,7 @@ def work_unit(nodeid: str, rootdir: Path) -> str:
     return nodeid
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """``--dist loadgroup`` with the units of :func:`work_unit`. xdist's own grouping (an ``xdist_group`` mark
     appended to the node id on the workers) has no effect with pytest 9, which no longer reads ``_nodeid``;

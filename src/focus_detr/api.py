@@ -29,7 +29,7 @@ def load_official(checkpoint: str | Path | Mapping[str, Any], preset: str | Focu
     mis-shaped keys. Position-embedding settings are not stored in official checkpoints: pick the preset that
     matches the training schedule (``r50_4scale`` = 24/36 epochs, ``r50_4scale_12ep`` = 12 epochs).
     """
-    from .weights.kinds import _read_official, build_for_state_dict, official_state_dict, read_weights
+    from .weights.kinds import read_official, build_for_state_dict, official_state_dict, read_weights
 
     if isinstance(checkpoint, (str, os.PathLike)):
         source = str(checkpoint)
@@ -39,7 +39,7 @@ def load_official(checkpoint: str | Path | Mapping[str, Any], preset: str | Focu
                                         "focus_detr.load(path)")
     else:
         source = "official state dict"
-        read = _read_official(official_state_dict(checkpoint, source), source, preset, overrides, source)
+        read = read_official(official_state_dict(checkpoint, source), source, preset, overrides, source)
     model = build_for_state_dict(read.cfg, read.state_dict, source, read.report)
     return (model, read.report) if return_report else model
 
@@ -48,10 +48,10 @@ def save(model: FocusDETR, path: str | Path, extra: Mapping[str, Any] | None = N
     """Write ``{format, format_version, config, state_dict, extra, sha256}`` (loadable with
     ``weights_only=True``; the checksum covers config and tensors), atomically. A model from
     :func:`optimize_for_inference` is refused (:class:`InferenceOnlyError`): save the original."""
-    from .model.optimize import _NO_SAVE, is_inference_only
+    from .model.optimize import NO_SAVE_MESSAGE, is_inference_only
 
     if is_inference_only(model):
-        raise InferenceOnlyError(_NO_SAVE)
+        raise InferenceOnlyError(NO_SAVE_MESSAGE)
     return save_weights(model, path, extra)
 
 

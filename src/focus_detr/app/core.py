@@ -3,7 +3,7 @@
 Everything here is plain Python (numpy, Pillow, torch through the library), so it is tested without a
 browser; :mod:`focus_detr.app.ui` only wires these functions to Gradio components.
 
-The image processing is the library's: uploads are decoded by :func:`focus_detr.ops.image_io.load_image`
+The image processing is the library's: uploads are decoded by :func:`focus_detr.data.image_io.load_image`
 (any pixel format, EXIF orientation, decompression-bomb guard), and one image is run through
 :func:`focus_detr.inference.explain` (the model's own test-time resize and normalisation), which returns the
 detections in original pixels and the token maps of :func:`focus_detr.viz.explain_arrays`. The score
@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 
 from ..model import Detections, FocusDETR
-from ..ops.errors import DataError
+from ..data.errors import DataError
+from ..model.knobs import with_keep_ratio
 
 #: Largest upload (bytes): Gradio refuses bigger files before they reach the model; URLs are cut off there too.
 MAX_UPLOAD_BYTES: int = 20 * 1024 * 1024
@@ -71,7 +72,7 @@ def read_upload(path: str | os.PathLike[str] | None, name: str | None = None) ->
     if size > MAX_UPLOAD_BYTES:
         raise UploadError(f"{label}: {size / 2**20:.1f} MB is above the upload limit of "
                           f"{MAX_UPLOAD_BYTES / 2**20:.0f} MB")
-    from ..ops.image_io import load_image
+    from ..data.image_io import load_image
 
     try:
         return load_image(p, max_pixels=MAX_UPLOAD_PIXELS)
@@ -81,8 +82,8 @@ def read_upload(path: str | os.PathLike[str] | None, name: str | None = None) ->
 
 def read_url(url: str) -> tuple[np.ndarray, str]:
     """Download an http(s) image (timeout, size limit) and decode it; returns ``(array, file name)``."""
-    from ..ops.image_io import load_image
-    from ..ops.url_io import download_url, is_url, url_file_name
+    from ..data.image_io import load_image
+    from ..data.url_io import download_url, is_url, url_file_name
 
     url = (url or "").strip()
     if not is_url(url):
@@ -111,14 +112,7 @@ def _plain_reason(reason: str) -> str:
 
 def set_keep_ratio(model: FocusDETR, keep_ratio: float) -> FocusDETR:
     """Set the encoder's foreground keep ratio of ``model`` in place (read at every forward pass)."""
-    # TODO(lead): use focus_detr.model.knobs.with_keep_ratio
-    if not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-    encoder = dataclasses.replace(model.cfg.encoder, keep_ratio=float(keep_ratio))
-    model.cfg = dataclasses.replace(model.cfg, encoder=encoder)
-    if getattr(model.encoder, "cfg", None) is not None:  # the encoder module keeps its own copy
-        model.encoder.cfg = encoder
-    return model
+    return with_keep_ratio(model, keep_ratio)
 
 
 def selects_tokens(model: FocusDETR) -> bool:

@@ -177,7 +177,7 @@ def _block_ratios(summaries: dict[str, dict[str, dict[str, Any]]], modes: Sequen
 def format_contention(result: dict[str, Any], markdown: bool = False) -> list[str]:
     """One row per (threads, load) block: focus and dense totals, focus/dense (median / paired / min), and the
     focus token-selection + encoder time."""
-    from .report import _table
+    from .report import markdown_table
 
     s = result["settings"]
     out = [f"Contention ({s['preset']} at {s['size'][0]}x{s['size'][1]}, {s['repeats']} interleaved rounds per "
@@ -193,6 +193,6 @@ def format_contention(result: dict[str, Any], markdown: bool = False) -> list[st
                      f"{fmt(r.get('ms'))} / {fmt(r.get('paired'))} / {fmt(r.get('min'))}",
                      f"{st.get('focus', {}).get('token_selection', 0):.0f}",
                      f"{st.get('focus', {}).get('encoder', 0):.0f} / {st.get('dense', {}).get('encoder', 0):.0f}"])
-    out += _table(["threads", "load", "focus ms", "dense ms", "focus/dense (median / paired / min)",
+    out += markdown_table(["threads", "load", "focus ms", "dense ms", "focus/dense (median / paired / min)",
                    "focus token_selection ms", "encoder ms focus / dense"], rows, markdown)
     return out

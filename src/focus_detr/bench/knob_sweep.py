@@ -127,19 +127,19 @@ def keep_ratio_sweep(weights: str, data: str, split: str = "val", keep_ratios: S
 
 
 def format_sweep(result: dict[str, Any], markdown: bool = False) -> list[str]:
-    from .report import _f, _table
+    from .report import format_number, markdown_table
 
-    rows = [[p["config"], _f(p["keep_ratio"], "{:g}"), _f(p["tokens_fraction"] * 100, "{:.0f}%"),
-             _f(p["encoder_gflops"], "{:.3f}"), _f(p["total_gflops"], "{:.3f}"), _f(p["ms_per_image"], "{:.1f}"),
-             _f(p["encoder_ms_per_image"], "{:.1f}"), _f(p.get("latency_vs_dense"), "{:.2f}"),
-             _f(p.get("latency_vs_dense_paired"), "{:.2f}"), _f(p["AP"], "{:.3f}"), _f(p["AP50"], "{:.3f}")]
+    rows = [[p["config"], format_number(p["keep_ratio"], "{:g}"), format_number(p["tokens_fraction"] * 100, "{:.0f}%"),
+             format_number(p["encoder_gflops"], "{:.3f}"), format_number(p["total_gflops"], "{:.3f}"), format_number(p["ms_per_image"], "{:.1f}"),
+             format_number(p["encoder_ms_per_image"], "{:.1f}"), format_number(p.get("latency_vs_dense"), "{:.2f}"),
+             format_number(p.get("latency_vs_dense_paired"), "{:.2f}"), format_number(p["AP"], "{:.3f}"), format_number(p["AP50"], "{:.3f}")]
             for p in result["points"]]
     s = result["settings"]
     head = [f"Keep-ratio sweep of {result['model']} on {result['data']} ({result['split']}, {result['num_images']} "
             f"images; trained at keep ratio {result['trained_keep_ratio']:g}, cascade {result['cascade']}); latency: "
             f"median of {s['repeats']} interleaved rounds over {s['latency_images']} held-out images, "
             f"{s['threads']} thread(s), {result['machine']['cpu']}:", ""]
-    return head + _table(["config", "keep ratio", "tokens updated", "encoder GFLOPs", "GFLOPs", "ms/image",
+    return head + markdown_table(["config", "keep ratio", "tokens updated", "encoder GFLOPs", "GFLOPs", "ms/image",
                           "encoder ms/image", "vs dense", "vs dense paired", "AP", "AP50"], rows, markdown)
 
 

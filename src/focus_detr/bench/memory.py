@@ -23,7 +23,7 @@ import sys
 from typing import Any
 
 
-def _status_kb(field: str) -> int | None:
+def status_kb(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -34,7 +34,7 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -43,7 +43,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _trim() -> None:
+def trim_heap() -> None:
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -73,7 +73,7 @@ def measure_in_this_process(preset: str, mode: str, size: tuple[int, int], batch
         del models
         batch_ = make_batch(model, size, batch, seed)
         run = lambda: model(batch_)  # noqa: E731
-    _trim()
+    trim_heap()
     out: dict[str, Any] = {"mode": mode, "size": list(size), "batch": batch, "device": device}
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -86,12 +86,12 @@ def measure_in_this_process(preset: str, mode: str, size: tuple[int, int], batch
         out.update(method="torch.cuda.max_memory_allocated", peak_mb=peak / 2**20, before_mb=before / 2**20,
                    increase_mb=(peak - before) / 2**20)
         return out
-    rss_before = _status_kb("VmRSS")
-    reset = _reset_peak_rss() and rss_before is not None
+    rss_before = status_kb("VmRSS")
+    reset = reset_peak_rss() and rss_before is not None
     with torch.no_grad():
         run()
     if reset:
-        peak_kb = _status_kb("VmHWM")
+        peak_kb = status_kb("VmHWM")
         out.update(method="VmHWM after clear_refs reset (peak RSS during the inference)",
                    peak_mb=peak_kb / 1024, before_mb=rss_before / 1024, increase_mb=(peak_kb - rss_before) / 1024)
     else:

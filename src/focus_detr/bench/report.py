@@ -6,11 +6,11 @@ import os
 from typing import Any
 
 
-def _f(value: float | None, fmt: str = "{:.1f}") -> str:
+def format_number(value: float | None, fmt: str = "{:.1f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def _table(header: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -30,11 +30,11 @@ def stage_rows(entry: dict[str, Any], modes: list[str], stages: list[str], key: 
         header += [f"{r} paired" for r in ratio_names] + [f"{r} min" for r in ratio_names]
     rows = []
     for stage in stages:
-        row = [stage] + [_f(entry["modes"][m]["stages"][stage][key], fmt) for m in modes]
-        row += [_f(entry["ratios"][r][stage][key], "{:.2f}") for r in ratio_names]
+        row = [stage] + [format_number(entry["modes"][m]["stages"][stage][key], fmt) for m in modes]
+        row += [format_number(entry["ratios"][r][stage][key], "{:.2f}") for r in ratio_names]
         if paired:
-            row += [_f(entry["ratios"][r][stage].get("ms_paired"), "{:.2f}") for r in ratio_names]
-            row += [_f(entry["ratios"][r][stage].get("ms_min"), "{:.2f}") for r in ratio_names]
+            row += [format_number(entry["ratios"][r][stage].get("ms_paired"), "{:.2f}") for r in ratio_names]
+            row += [format_number(entry["ratios"][r][stage].get("ms_min"), "{:.2f}") for r in ratio_names]
         rows.append(row)
     return header, rows
 
@@ -56,7 +56,7 @@ def efficiency_rows(entry: dict[str, Any], modes: list[str], stages: list[str]) 
 def format_peaks(peaks: list[dict[str, Any]], markdown: bool = False) -> list[str]:
     rows = [[p["dtype"], str(p["threads"] or "-"), str(p["n"]), f"{p['gflops']:.1f}",
              ", ".join(f"{g:.1f}" for g in p["trials_gflops"])] for p in peaks]
-    return _table(["dtype", "threads", "n", "peak GFLOP/s", "trials"], rows, markdown)
+    return markdown_table(["dtype", "threads", "n", "peak GFLOP/s", "trials"], rows, markdown)
 
 
 def format_report(report: dict[str, Any], markdown: bool = False) -> str:
@@ -77,12 +77,12 @@ def format_report(report: dict[str, Any], markdown: bool = False) -> str:
                    "ratio of the two runs of the same round, 'min': ratio of the fastest runs"
                    + (":" if not markdown else ""))
         out.append("")
-        out += _table(header, rows, markdown)
+        out += markdown_table(header, rows, markdown)
         out.append("")
         header, rows = stage_rows(entry, modes, stages, "gflops", "{:.2f}")
         out.append("GFLOPs by stage (FlopCounterMode + deformable sampling, 2 FLOP/MAC)" + (":" if not markdown else ""))
         out.append("")
-        out += _table(header, rows, markdown)
+        out += markdown_table(header, rows, markdown)
         out.append("")
         peak = report.get("efficiency_peak")
         if peak:
@@ -90,7 +90,7 @@ def format_report(report: dict[str, Any], markdown: bool = False) -> str:
                        f"({peak['gflops']:.1f} GFLOP/s: torch.mm {peak['n']}x{peak['n']}, "
                        f"{peak['threads'] or 'device'} thread(s), same run)" + (":" if not markdown else ""))
             out.append("")
-            out += _table(*efficiency_rows(entry, modes, stages), markdown)
+            out += markdown_table(*efficiency_rows(entry, modes, stages), markdown)
             out.append("")
         spread = {m: entry["modes"][m]["stages"]["total"]["spread"] for m in modes}
         out.append("Run-to-run spread of the total ((max-min)/median): "
@@ -118,12 +118,12 @@ def format_report(report: dict[str, Any], markdown: bool = False) -> str:
                 if "error" in r:
                     rows.append([m, "error", r["error"][:60], ""])
                 else:
-                    rows.append([m, _f(r.get("peak_mb"), "{:.0f}"), _f(r.get("before_mb"), "{:.0f}"),
-                                 _f(r.get("increase_mb"), "{:.0f}")])
+                    rows.append([m, format_number(r.get("peak_mb"), "{:.0f}"), format_number(r.get("before_mb"), "{:.0f}"),
+                                 format_number(r.get("increase_mb"), "{:.0f}")])
             method = next((r.get("method") for r in mem.values() if "method" in r), "")
             out.append(f"Peak memory of one inference, fresh process per mode ({method})" + (":" if not markdown else ""))
             out.append("")
-            out += _table(["mode", "peak MiB", "before MiB", "increase MiB"], rows, markdown)
+            out += markdown_table(["mode", "peak MiB", "before MiB", "increase MiB"], rows, markdown)
         out.append("")
         anchor = entry.get("anchor")
         if anchor:
@@ -133,8 +133,8 @@ def format_report(report: dict[str, Any], markdown: bool = False) -> str:
                        f"{st.get('encoder', 0):.1f}, decoder {st.get('decoder', 0):.1f}), "
                        f"{anchor['total']['gflops']:.1f} GFLOPs; "
                        + ", ".join(f"{m}/anchor latency {anchor[f'{m}/anchor_ms']:.2f} (paired "
-                                   f"{_f(anchor.get(f'{m}/anchor_ms_paired'), '{:.2f}')}, min "
-                                   f"{_f(anchor.get(f'{m}/anchor_ms_min'), '{:.2f}')})" for m in modes))
+                                   f"{format_number(anchor.get(f'{m}/anchor_ms_paired'), '{:.2f}')}, min "
+                                   f"{format_number(anchor.get(f'{m}/anchor_ms_min'), '{:.2f}')})" for m in modes))
             out.append("")
         check = entry.get("official_flop_check")
         if check:
@@ -171,7 +171,7 @@ def format_report(report: dict[str, Any], markdown: bool = False) -> str:
             paired = f" (paired {t['paired']:.3f})" if t.get("paired") is not None else ""
             if t.get("min") is not None:
                 paired += f" (min {t['min']:.3f})"
-            out.append(f"  {t['name']}: {_f(t['value'], '{:.3f}')}{paired}{limit}{verdict}")
+            out.append(f"  {t['name']}: {format_number(t['value'], '{:.3f}')}{paired}{limit}{verdict}")
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -184,20 +184,20 @@ def format_train_step(result: dict[str, Any], markdown: bool = False) -> list[st
     rows = []
     for m, r in result["modes"].items():
         row = [m, f"{r['step_ms']:.1f}", f"{r['images_per_s']:.2f}", f"{r['spread'] * 100:.0f}%",
-               _f(r["step_ms"] / dense["step_ms"], "{:.2f}") if dense else "-"]
+               format_number(r["step_ms"] / dense["step_ms"], "{:.2f}") if dense else "-"]
         if with_memory:
             mem = r.get("memory", {})
             if "error" in mem:
                 row += ["error", mem["error"][:60], "-"]
             else:
                 inc, dinc = mem.get("increase_mb"), (dense or {}).get("memory", {}).get("increase_mb")
-                row += [_f(mem.get("peak_mb"), "{:.0f}"), _f(inc, "{:.0f}"),
-                        _f(inc / dinc if inc and dinc else None, "{:.2f}")]
+                row += [format_number(mem.get("peak_mb"), "{:.0f}"), format_number(inc, "{:.0f}"),
+                        format_number(inc / dinc if inc and dinc else None, "{:.2f}")]
         rows.append(row)
     header = ["mode", "step ms", "images/s", "spread", "step time vs dense"]
     if with_memory:
         header += ["peak MiB", "step increase MiB", "increase vs dense"]
-    out += _table(header, rows, markdown)
+    out += markdown_table(header, rows, markdown)
     return out
 
 

@@ -68,7 +68,7 @@ def _make_stepper(model, images, targets, lr: float, sync: Callable[[], None]) -
 def train_step_memory_in_this_process(preset: str, mode: str, batch: int, size: tuple[int, int], seed: int = 0,
                                       device: str = "cpu", lr: float = 1e-4) -> dict[str, Any]:
     """Peak memory of one training step of ``mode`` (after two unmeasured steps), in MiB; see the module doc."""
-    from .memory import _reset_peak_rss, _status_kb, _trim
+    from .memory import reset_peak_rss, status_kb, trim_heap
 
     dev = torch.device(device)
     sync = synchronizer(dev)
@@ -80,7 +80,7 @@ def train_step_memory_in_this_process(preset: str, mode: str, batch: int, size: 
     step = _make_stepper(model, images, targets, lr, sync)
     step()
     step()
-    _trim()
+    trim_heap()
     out: dict[str, Any] = {"mode": mode, "size": list(size), "batch": batch, "device": str(dev)}
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -90,11 +90,11 @@ def train_step_memory_in_this_process(preset: str, mode: str, batch: int, size: 
         out.update(method="torch.cuda.max_memory_allocated", peak_mb=peak / 2**20, before_mb=before / 2**20,
                    increase_mb=(peak - before) / 2**20)
         return out
-    rss_before = _status_kb("VmRSS")
-    reset = _reset_peak_rss() and rss_before is not None
+    rss_before = status_kb("VmRSS")
+    reset = reset_peak_rss() and rss_before is not None
     out["step_ms"] = step() * 1000
     if reset:
-        peak_kb = _status_kb("VmHWM")
+        peak_kb = status_kb("VmHWM")
         out.update(method="VmHWM after clear_refs reset (peak RSS during the step)", peak_mb=peak_kb / 1024,
                    before_mb=rss_before / 1024, increase_mb=(peak_kb - rss_before) / 1024)
     else:

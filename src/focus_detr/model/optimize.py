@@ -195,17 +195,17 @@ class InferenceFocusDETR(FocusDETR):
         return super().train(False)
 
     def save_pretrained(self, folder: str, extra: dict | None = None):
-        raise InferenceOnlyError(_NO_SAVE)
+        raise InferenceOnlyError(NO_SAVE_MESSAGE)
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
-        raise InferenceOnlyError(_NO_SAVE)
+        raise InferenceOnlyError(NO_SAVE_MESSAGE)
 
     def extra_repr(self) -> str:
         return (f"inference only: precision={self.inference_precision}, channels_last={self.channels_last}, "
                 f"folded_norms={self.folded_norms}")
 
 
-_NO_SAVE = ("an optimised model (optimize_for_inference) holds folded and cast weights that are not a weights file: "
+NO_SAVE_MESSAGE = ("an optimised model (optimize_for_inference) holds folded and cast weights that are not a weights file: "
             "save the original model and optimise it again after loading")
 
 

@@ -428,7 +428,7 @@ def read_weights(source: str | os.PathLike[str] | Source, preset: str | FocusDET
                            info={"iteration": it, "has_ema": payload.get("ema") is not None, "weights": what})
     if src.kind == "official":
         assert src.path is not None
-        return _read_official(official_state_dict(src.payload, str(src.path)), str(src.path), preset, overrides,
+        return read_official(official_state_dict(src.payload, str(src.path)), str(src.path), preset, overrides,
                               "official checkpoint")
     if src.kind == "zip":
         assert src.path is not None and src.member is not None
@@ -477,7 +477,7 @@ def _with(cfg: FocusDETRConfig, overrides: Mapping[str, Any], path: Path | None)
         raise CheckpointFormatError(f"{path}: {e}") from None
 
 
-def _read_official(state: dict[str, Tensor], source: str, preset: str | FocusDETRConfig | None,
+def read_official(state: dict[str, Tensor], source: str, preset: str | FocusDETRConfig | None,
                    overrides: Mapping[str, Any], what: str) -> ReadWeights:
     guess_note = ""
     overrides = dict(overrides)
