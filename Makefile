@@ -26,7 +26,7 @@ test: setup
 	-@$(MAKE) --no-print-directory browser || echo "note: Chromium could not be installed; the app's browser test is skipped (CI=true fails it)"
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadgroup --no-loadscope-reorder --durations=25 tests
 
-# Chromium and its driver from the system packages, for the app's browser test (tests/test_app.py); nothing to
+# Chromium and its driver from the system packages, for the app's browser test (tests/app/test_app.py); nothing to
 # do when both are there. Needs root (or sudo) and apt; .ci/run calls it on a fresh machine.
 browser:
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \

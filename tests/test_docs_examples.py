@@ -33,9 +33,9 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 # Examples not run, by reason (a regex on the command as written; first match wins).
 SKIP: list[tuple[str, str]] = [
-    (r"^make (demo|test)\b", "the whole demo (~15 min) or test suite; tests/test_cli_train.py runs the demo small"),
+    (r"^make (demo|test)\b", "the whole demo (~15 min) or test suite; tests/cli/test_cli_train.py runs the demo small"),
     (r"^pip install", "installs packages from the network"),
-    (r"^torchrun ", "needs torchrun with several processes (tests/test_ddp.py); its arguments are parse-checked"),
+    (r"^torchrun ", "needs torchrun with several processes (tests/engine/test_ddp.py); its arguments are parse-checked"),
     (r"/data/coco|--data coco\b", "needs the COCO dataset"),
     (r"focus_detr_r50_4scale_\d+ep|focus_r50_36ep\.pth|\br50\.pth|resnet50-0676ba61|--backbone-weights imagenet",
      "needs downloaded official weights"),
@@ -43,11 +43,11 @@ SKIP: list[tuple[str, str]] = [
      "needs the user's own dataset or weights"),
     (r"https?://|rtsp://", "needs the network"),
     (r"camera:\d", "needs a camera"),
-    (r"clip\.mp4", "needs a video file and the optional PyAV (tests/test_inputs.py covers videos)"),
-    (r"^focus-detr export ", "ONNX export takes 1-2.5 min on 2 cores (tests/test_onnx.py runs it)"),
-    (r"^focus-detr compare-modes ", "trains 15 models (about an hour of CPU); tests/test_compare_modes.py runs it tiny"),
-    (r"^focus-detr app\b", "starts a web server that runs until stopped; tests/test_app.py drives it in a browser"),
-    (r"^focus-detr benchmark --preset r50_4scale", "minutes of CPU for R50 at 800x1333 (tests/test_bench.py runs tiny)"),
+    (r"clip\.mp4", "needs a video file and the optional PyAV (tests/inference/test_inputs.py covers videos)"),
+    (r"^focus-detr export ", "ONNX export takes 1-2.5 min on 2 cores (tests/export/test_onnx.py runs it)"),
+    (r"^focus-detr compare-modes ", "trains 15 models (about an hour of CPU); tests/engine/test_compare_modes.py runs it tiny"),
+    (r"^focus-detr app\b", "starts a web server that runs until stopped; tests/app/test_app.py drives it in a browser"),
+    (r"^focus-detr benchmark --preset r50_4scale", "minutes of CPU for R50 at 800x1333 (tests/bench/test_bench.py runs tiny)"),
 ]
 
 # Flags set to tiny values on the commands that are run: {old value (None: flag absent, "*": any): new value}.

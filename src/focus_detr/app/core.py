@@ -12,7 +12,6 @@ threshold only filters those detections (no model run); the keep ratio re-runs t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil

@@ -10,7 +10,7 @@ Implementations and how one is chosen (visible, never silent):
 * ``"reference"``: :func:`ms_deform_attn_reference` below.
 * ``"fast"``: :func:`~focus_detr.ops.ms_deform_attn_fast.ms_deform_attn_fast`, the gather/``embedding_bag``
   formulation with a hand-written backward; same contract, equal to the reference up to float rounding
-  (tested in float64 and with ``gradcheck`` in ``tests/test_ms_deform_attn.py``).
+  (tested in float64 and with ``gradcheck`` in ``tests/ops/test_ms_deform_attn.py``).
 * ``"auto"`` (the default): per call, by the device of ``value``, following :data:`AUTO_RULE`:
   ``"fast"`` on CPU, where ``benchmarks/bench_msda.py`` measured it several times faster than the reference
   at the encoder and decoder shapes, with a fraction of its peak memory (figures: benchmarks/RESULTS.md);

@@ -31,7 +31,7 @@ from focus_detr.app import core
 from focus_detr.cli.app_cmd import add_parser, is_loopback
 from focus_detr.data.synthetic import SHAPES_CLASS_NAMES, make_shapes_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_model(seed: int = 0, short_side: int = 128):

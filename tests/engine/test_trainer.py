@@ -20,7 +20,7 @@ from train_utils import small_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "focus_detr"
+SRC = Path(__file__).resolve().parents[2] / "src" / "focus_detr"
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from focus_detr.data.errors import DataError
 from focus_detr.data.image_io import to_rgb_array
 from focus_detr.data.url_io import DownloadError, download_url, is_url
 from focus_detr.video import VideoWriter, is_stream, open_video
-from test_cli_predict import make_picture, run_cli, save_tiny_weights
+from cli_utils import make_picture, run_cli, save_tiny_weights
 
 BIG_BYTES = 300_000  # the "too large" file: over a 0.1 MB limit
 

@@ -11,7 +11,7 @@ import torch
 
 import focus_detr
 from focus_detr.cli.main import COMMANDS, main
-from test_cli_predict import run_cli
+from cli_utils import run_cli
 from weights_utils import official_checkpoint
 
 MY_COMMANDS = ["predict", "explain", "convert", "info", "export"]

@@ -35,7 +35,7 @@ from focus_detr.engine.checkpoint import list_checkpoints, load_checkpoint
 from focus_detr.engine.logging import read_metrics
 from focus_detr.engine.run_dir import RunLock
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/: fake_full_disk.py
 
 
 @pytest.fixture(scope="module")

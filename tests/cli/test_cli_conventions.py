@@ -17,7 +17,7 @@ from focus_detr import devices
 from focus_detr.cli.main import COMMANDS, build_parser, main
 from focus_detr.devices import DeviceError, check_device_name, resolve_device
 from focus_detr.engine.distributed import DistInfo, process_device
-from test_cli_predict import make_picture, run_cli, save_tiny_weights
+from cli_utils import make_picture, run_cli, save_tiny_weights
 
 ALL_COMMANDS = [name.replace("_", "-") for name in COMMANDS]
 # Commands that run a model: each has --device, --threads and --quiet.

@@ -14,7 +14,7 @@ from PIL import Image
 try:
     import focus_detr  # noqa: F401
 except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 from focus_detr.viz import (
     class_color,
@@ -423,7 +423,7 @@ def test_viz_imports_follow_the_layering() -> None:
     # viz may import ops and model.outputs only (never engine or the model builder), and matplotlib only
     # inside the plotting functions so that it stays an optional dependency.
     allowed = ("focus_detr.viz", "focus_detr.ops", "focus_detr.model.outputs")
-    viz_dir = Path(__file__).resolve().parents[1] / "src" / "focus_detr" / "viz"
+    viz_dir = Path(__file__).resolve().parents[2] / "src" / "focus_detr" / "viz"
     for file in sorted(viz_dir.glob("*.py")):
         tree = ast.parse(file.read_text())
         for node in ast.walk(tree):

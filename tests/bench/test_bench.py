@@ -18,7 +18,7 @@ from focus_detr.cli.main import main as cli_main
 from focus_detr.layers.deformable_attention import MultiScaleDeformableAttention
 from cli_utils import cli_command
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -390,7 +390,7 @@ def test_environment_variable_choice() -> None:
 
 
 def test_environment_variable_sets_the_process_default() -> None:
-    src = os.path.join(os.path.dirname(__file__), "..", "src")
+    src = os.path.join(os.path.dirname(__file__), "..", "..", "src")
     env = {**os.environ, msda.ENV_VAR: "reference", "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     code = ("from focus_detr.ops.ms_deform_attn import current_implementation, implementation_for; "
             "print(current_implementation(), implementation_for('cpu'))")

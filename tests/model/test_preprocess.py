@@ -22,7 +22,7 @@ from focus_detr.data.transforms import ResizeShortestEdge, build_test_transforms
 from focus_detr.model.preprocess import preprocess
 from focus_detr.ops.images import resized_shape
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "focus_detr"
+SRC = Path(__file__).resolve().parents[2] / "src" / "focus_detr"
 
 
 def _target() -> dict:

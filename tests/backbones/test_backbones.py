@@ -29,7 +29,7 @@ from focus_detr.backbones.weights import UnsafePickleError, safe_load_pickle
 from focus_detr.config import ResNetConfig, SwinConfig, get_preset
 from focus_detr.layers.frozen_bn import FrozenBatchNorm2d
 
-FIXTURES = Path(__file__).parent / "fixtures" / "official_parity"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "official_parity"
 
 
 def n_params(module: torch.nn.Module) -> int:

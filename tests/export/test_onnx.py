@@ -18,7 +18,7 @@ import torch
 import focus_detr
 from focus_detr.ops import ms_deform_attn as msda
 from focus_detr.export.onnx import MIN_SIZE, ExportableFocusDETR, default_example_size
-from test_cli_predict import make_picture, run_cli, save_tiny_weights
+from cli_utils import make_picture, run_cli, save_tiny_weights
 
 LOGITS_ATOL = 1e-4
 BOXES_ATOL = 1e-5
@@ -147,7 +147,7 @@ def test_export_without_onnx_packages_says_what_to_install(tmp_path: Path) -> No
     (blocker / "onnxscript.py").write_text("raise ImportError('onnxscript blocked for this test')\n")
     weights = save_tiny_weights(tmp_path / "tiny.pt")
     proc = run_cli("export", weights, "--format", "onnx", tmp_path / "x.onnx",
-                   env_extra={"PYTHONPATH": f"{blocker}:{Path(__file__).resolve().parents[1] / 'src'}"})
+                   env_extra={"PYTHONPATH": f"{blocker}:{Path(__file__).resolve().parents[2] / 'src'}"})
     assert proc.returncode == 1
     assert "pip install onnx onnxscript onnxruntime" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x.onnx").exists()
