@@ -424,6 +424,9 @@ def test_page_in_a_headless_browser(served_app, tmp_path, shapes, analysis) -> N
         box = browser.find_element(By.CSS_SELECTOR, f"#{element_id} input[type=number]")
         box.send_keys(Keys.CONTROL, "a")
         box.send_keys(str(value), Keys.ENTER)
+        # Then leave the box, as a person clicking elsewhere does: Gradio also commits a number on blur, which
+        # a loaded machine sometimes needs when the Enter arrived before the box's handler was ready.
+        box.send_keys(Keys.TAB)
 
     def picture_pixels() -> np.ndarray:
         src = browser.find_element(By.CSS_SELECTOR, "#picture img").get_attribute("src")

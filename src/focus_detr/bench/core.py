@@ -20,11 +20,11 @@ from .flops import SAMPLING_MACS_PER_POINT_CHANNEL, count_flops, count_stage_flo
 from .memory import measure_peak_memory
 from .models import MODES, backbone_module, build_mode_models, encoder_tokens, is_resnet50, make_batch, parameter_counts
 from .peak import DTYPES, cpu_matrix_units, efficiency, find_peak, measure_peaks
+from ..model.stages import STAGES
 from .timing import interleaved, summarize, timed_modules, timed_stages
 
 SCHEMA = "focus-detr-benchmark/1"
-# Stages in forward order (the detector's stage markers); "total" is the whole forward call.
-STAGES = ("backbone", "preparation", "token_selection", "encoder", "query_selection", "decoder")
+# STAGES: in forward order, the detector's profiler ranges (focus_detr.model.stages); "total" is the whole forward.
 STAGE_NOTES = {
     "backbone": "backbone + neck (ChannelMapper)",
     "preparation": "masks, position embeddings, flattening, reference points",

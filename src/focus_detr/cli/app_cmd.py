@@ -86,7 +86,7 @@ def check_listen(host: str, port: int) -> str | None:
 def run(args: argparse.Namespace) -> int:
     import importlib.util
 
-    from .main import CLIError
+    from .errors import CLIError
     from .predict_cmd import model_from_args
 
     if importlib.util.find_spec("gradio") is None:  # found without importing it (seconds)

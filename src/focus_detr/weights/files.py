@@ -25,6 +25,7 @@ import pickle
 import re
 import secrets
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -64,7 +65,11 @@ def read_torch_file(path: str | os.PathLike[str], what: str = "weights file") ->
     if not path.is_file():
         raise CheckpointFormatError(f"{path}: no such {what}" + (" (it is a folder)" if path.is_dir() else ""))
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # A file that starts like a legacy pickle makes torch warn about the old format before it fails;
+            # the one-line error below says what is wrong, so the warning would only add two lines.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         refused = _unsafe_global(str(e))
         if refused is not None:
