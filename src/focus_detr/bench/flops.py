@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..model.stages import STAGE_PREFIX, STAGES
+from ..model.stages import observe_stages
 
 # Multiply-adds per sampling point and channel: bilinear interpolation reads 4 corners and multiply-adds each
 # with its corner weight (4 MAC), then the sampled value is multiplied by its attention weight and
@@ -142,49 +141,17 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=dict(EXTRA_FLOP_FORMULAS))
 
 
-class _StageObserver(TorchDispatchMode):
-    """Calls ``fn(stage)`` when a ``focus_detr.<stage>`` profiler range opens and ``fn("end")`` when the last
-    stage's range closes. ``record_function`` enters and leaves its range through two dispatcher ops
-    (``profiler::_record_function_enter_new`` / ``_record_function_exit``), which a dispatch mode sees
-    whether or not a profiler is running."""
-
-    def __init__(self, fn: Callable[[str], None]) -> None:
-        super().__init__()
-        self.fn = fn
-        self.open_in_last = 0  # ranges open since the last stage began (0: not in it)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's signature
-        out = func(*args, **(kwargs or {}))
-        if func is _ENTER_RANGE:
-            if self.open_in_last:
-                self.open_in_last += 1
-            elif isinstance(args[0], str) and args[0].startswith(STAGE_PREFIX):
-                name = args[0][len(STAGE_PREFIX):]
-                self.fn(name)
-                self.open_in_last = int(name == STAGES[-1])
-        elif func in _EXIT_RANGE and self.open_in_last:
-            self.open_in_last -= 1
-            if not self.open_in_last:
-                self.fn("end")
-        return out
-
-
-_ENTER_RANGE = torch.ops.profiler._record_function_enter_new.default
-_EXIT_RANGE = tuple(getattr(torch.ops.profiler._record_function_exit, name)
-                    for name in torch.ops.profiler._record_function_exit.overloads())
-
-
 @contextlib.contextmanager
 def stage_hook(model: nn.Module, fn: Callable[[str], None]) -> Iterator[None]:
     """Call ``fn(stage)`` as each stage of a forward of ``model`` begins (the detector's
     ``torch.profiler.record_function`` ranges, :data:`focus_detr.model.stages.STAGES`), then ``fn("end")``
     after the last one (before the output packing).
 
-    Costs a Python call per operator while active (a dispatch mode), nothing outside the block; ``model`` is
-    not modified (any model whose forward opens the ranges works).
+    Costs a Python call per stage while active (:func:`focus_detr.model.stages.observe_stages`), nothing
+    outside the block; ``model`` is not modified (any model whose forward runs the stages works).
     """
-    del model  # the ranges are the model's own; kept in the signature for the callers
-    with _StageObserver(fn):
+    del model  # the stages are the model's own; kept in the signature for the callers
+    with observe_stages(fn):
         yield
 
 
