@@ -120,18 +120,22 @@ def measure_peak_memory(preset: str, modes: list[str], size: tuple[int, int], ba
         from ..ops.ms_deform_attn import current_implementation
 
         env["FOCUS_DETR_MSDA_IMPL"] = current_implementation()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        except subprocess.TimeoutExpired:
-            results[mode] = {"error": f"timed out after {timeout:.0f} s"}
-            continue
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            results[mode] = {"error": f"exit code {proc.returncode}: {' | '.join(tail)}"}
-            continue
-        results[mode] = json.loads(lines[-1])
+        results[mode] = run_json_child(cmd, timeout, env)
     return results
+
+
+def run_json_child(cmd: list[str], timeout: float, env: dict[str, str]) -> dict[str, Any]:
+    """Run a measuring child process and return the last JSON object line of its stdout, or ``{"error": ...}``
+    (timeout, non-zero exit or no JSON line; the error names the exit code and the last lines of output)."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": f"exit code {proc.returncode}: {' | '.join(tail)}"}
+    return json.loads(lines[-1])
 
 
 def main(argv: list[str] | None = None) -> int:

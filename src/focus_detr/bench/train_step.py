@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from ..losses import HungarianMatcher, SetCriterion
+from .memory import run_json_child
 from .models import build_mode_models, make_batch
 from .timing import synchronizer
 
@@ -116,17 +116,7 @@ def measure_train_step_memory(preset: str, modes: Sequence[str], batch: int, siz
                "--device", device]
         if threads:
             cmd += ["--threads", str(threads)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
-        except subprocess.TimeoutExpired:
-            results[mode] = {"error": f"timed out after {timeout:.0f} s"}
-            continue
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            results[mode] = {"error": f"exit code {proc.returncode}: {' | '.join(tail)}"}
-            continue
-        results[mode] = json.loads(lines[-1])
+        results[mode] = run_json_child(cmd, timeout, dict(os.environ))
     return results
 
 
