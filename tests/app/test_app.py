@@ -485,9 +485,17 @@ def test_page_in_a_headless_browser(served_app, tmp_path, shapes, analysis) -> N
         assert len(records) == shown and all(r["score"] >= threshold for r in records)
 
         # Keep ratio 0.2: the model runs again and keeps int(0.2 * valid) + 1 tokens.
-        set_number("keep-ratio", 0.2)
         expected = f"{int(0.2 * valid) + 1} of {valid} tokens kept"
-        wait_for(lambda: expected in text("summary"), "the tokens kept at keep ratio 0.2")
+        # Under a loaded parallel test run the number box sometimes drops the first commit (seen twice in CI);
+        # a person would type it again: up to three tries, then the same failure as before.
+        for attempt in range(3):
+            set_number("keep-ratio", 0.2)
+            try:
+                WebDriverWait(browser, 30, poll_frequency=0.2).until(lambda _: expected in text("summary"))
+                break
+            except Exception:
+                if attempt == 2:
+                    wait_for(lambda: expected in text("summary"), "the tokens kept at keep ratio 0.2", seconds=1)
         assert "Keep ratio 0.20" in text("summary")
         screenshot("2_keep_ratio")
 
