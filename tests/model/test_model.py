@@ -172,6 +172,34 @@ def test_detections_identical_alone_and_in_a_mixed_batch(model_fixture, request)
             assert len(a.keys() & b.keys()) >= len(a) - 2
 
 
+@pytest.mark.parametrize("mode", ["focus", "sparse"])
+@pytest.mark.parametrize("sizes", [[(120, 160)], [(120, 160), (72, 200)]])
+def test_inference_path_writes_tokens_in_place_with_the_same_result(tiny, mode, sizes):
+    """Without autograd the encoder writes each layer's tokens into one copy of the features (and skips the
+    keep-old-values fallback when every slot is written back); with autograd it works out of place. Same
+    memory either way, and the caller's features are untouched. Sparse mode samples the memory it writes."""
+    model = focus_detr.build_model("tiny", encoder_mode=mode).eval()
+    model.load_state_dict(tiny.state_dict(), strict=False)
+    batch = model.batch(_images(sizes, seed=5))
+    seen = {}
+
+    def keep_features(module, args):
+        seen["features"] = args[0]
+        seen["before"] = args[0].clone()
+
+    handle = model.encoder.register_forward_pre_hook(keep_features)
+    try:
+        with torch.no_grad():
+            fast = model(batch)
+        assert torch.equal(seen["features"], seen["before"])
+        with torch.enable_grad():
+            reference = model(batch)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(fast.memory, reference.memory.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.main.logits, reference.main.logits.detach(), atol=1e-4, rtol=1e-4)
+
+
 def test_official_mode_is_batch_dependent_but_runs(tiny):
     model = focus_detr.build_model("tiny", batch_mode="official").eval()
     model.load_state_dict(tiny.state_dict())
