@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..allocator import allocator_state
 from ..config import FocusDETRConfig, make_config
 from ..devices import resolve_device
 from ..ops.ms_deform_attn import current_implementation
@@ -67,6 +68,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "msda_implementation": current_implementation(),
         # set by focus_detr (PASSIVE unless the user chose otherwise); what OpenMP threads do while they wait
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        # whether large freed blocks are kept for reuse (focus_detr.allocator; the command turns it on)
+        "allocator": allocator_state().reason,
     }
     from ..ops import ms_deform_attn as msda
 

@@ -22,6 +22,8 @@ import subprocess
 import sys
 from typing import Any
 
+from ..allocator import reuse_freed_memory
+
 
 def status_kb(field: str) -> int | None:
     try:
@@ -149,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--backbone-once", action="store_true")
     args = p.parse_args(argv)
+    reuse_freed_memory()  # as the focus-detr command does: the memory measured is the command's
     import torch
 
     from .models import parse_size

@@ -71,6 +71,9 @@ def format_report(report: dict[str, Any], markdown: bool = False) -> str:
         out.append(f"{h}{report['preset']} at {hw}, batch {entry['batch']}, {meta['device']}, "
                    f"{meta['torch_threads']} threads: median of {s['repeats']} interleaved runs "
                    f"(after {s['warmup']} warm-up)")
+        if meta.get("allocator"):
+            out.append(f"CPU memory: {meta['allocator']} (FOCUS_DETR_ALLOCATOR); OpenMP wait policy: "
+                       f"{meta.get('omp_wait_policy') or 'default'}")
         out.append("")
         header, rows = stage_rows(entry, modes, stages, "ms", "{:.1f}")
         out.append("Latency (ms, median) by stage; ratios of the medians, 'paired': median over rounds of the "

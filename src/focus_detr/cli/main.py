@@ -13,6 +13,7 @@ import argparse
 import importlib
 import sys
 
+from ..allocator import reuse_freed_memory
 from ..devices import DeviceError
 from .errors import CLIError, is_user_error, report_bug
 
@@ -43,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
+        return 2
+    try:
+        # Large tensors reuse the pages of the last forward instead of fresh ones (focus_detr/allocator.py).
+        reuse_freed_memory()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         return int(args._run(args) or 0)
