@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 import focus_detr
+from focus_detr.allocator import reuse_freed_memory
 from focus_detr.bench.core import machine_info
 from focus_detr.bench.flops import count_stage_flops
 from focus_detr.bench.models import make_batch, parse_size
@@ -224,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N held-out images")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     args = p.parse_args(argv)
+    reuse_freed_memory()  # as the focus-detr command does (FOCUS_DETR_ALLOCATOR=system: glibc defaults)
     torch.set_num_threads(args.threads)
     info = machine_info(torch.device("cpu"))
     info["capability"] = torch.backends.cpu.get_cpu_capability()
