@@ -23,10 +23,9 @@ def faults_of_one_large_tensor():
     x = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, above glibc's largest mmap threshold
     del x
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults_of_one_large_tensor()  # glibc settles its heap over the first two rounds
-faults_of_one_large_tensor()
 state = allocator_state()
-print(json.dumps({"faults": faults_of_one_large_tensor(), "reuse": state.reuse, "reason": state.reason}))
+rounds = [faults_of_one_large_tensor() for _ in range(10)]
+print(json.dumps({"faults": rounds, "reuse": state.reuse, "reason": state.reason}))
 """
 
 
@@ -44,9 +43,13 @@ def test_second_large_tensor_reuses_pages_only_when_asked():
     reused = _child("reuse")
     pages = 64 * 1024 * 1024 // 4096
     assert not default["reuse"]
-    assert default["faults"] >= pages // 2  # glibc maps fresh pages for every 64 MiB block
+    # glibc maps fresh pages for every 64 MiB block, every time
+    assert min(default["faults"]) >= pages // 2, default["faults"]
     assert reused["reuse"], reused["reason"]
-    assert reused["faults"] < pages // 20  # the pages of the first block are used again
+    # kept memory: most later blocks reuse the pages of an earlier one (glibc settles its heap over the first
+    # rounds, and now and then places a block at a new address; seen: 16384 faults in 1-4 of 10 rounds)
+    reusing = [n for n in reused["faults"][1:] if n < pages // 20]
+    assert len(reusing) >= 3, reused["faults"]
 
 
 def test_opt_outs_leave_glibc_alone():
