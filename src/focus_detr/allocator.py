@@ -48,10 +48,9 @@ def allocator_state() -> AllocatorState:
 def _glibc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        version = libc.gnu_get_libc_version  # only glibc has it
+        libc.gnu_get_libc_version  # only glibc has it  # noqa: B018
     except (OSError, AttributeError):
         return None
-    version.restype = ctypes.c_char_p
     return libc
 
 
