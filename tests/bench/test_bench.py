@@ -285,22 +285,6 @@ def test_contention_blocks_tiny():
     assert "focus/dense" in "\n".join(format_contention(result))
 
 
-def test_contention_adaptive_blocks_tiny():
-    from focus_detr.bench.contention import format_contention, run_contention
-
-    result = run_contention("tiny", (64, 96), load=1, threads=(2,), repeats=1, warmup=0)
-    policies = [(b["policy"], b["load_processes"]) for b in result["blocks"]]
-    assert policies == [("fixed", 0), ("fixed", 1), ("adaptive", 0), ("adaptive", 1)]
-    for block in result["blocks"][2:]:
-        used = block["budget"]["threads_used"]
-        assert block["budget"]["requested"] == 2
-        assert sum(used.values()) == 2 and set(used) <= {1, 2}  # one decision per forward, 1 round x 2 modes
-    text = "\n".join(format_contention(result))
-    assert "adaptive" in text and "fixed" in text
-    fixed_only = run_contention("tiny", (64, 96), load=1, threads=(2,), repeats=1, warmup=0, adaptive=False)
-    assert [b["policy"] for b in fixed_only["blocks"]] == ["fixed", "fixed"]
-
-
 def test_cli_contention_arguments(capsys):
     assert cli_main(["benchmark", "--preset", "tiny", "--background-load", "-1"]) == 2
     assert "--background-load" in capsys.readouterr().err

@@ -57,38 +57,6 @@ def test_every_command_has_help(command: str, capsys) -> None:
     parse(command)  # and parses its minimal form
 
 
-# Commands that run a model image after image: --threads is a ceiling lowered to the free cores.
-ADAPTIVE_THREADS = ["predict", "explain", "eval", "app"]
-
-
-@pytest.mark.parametrize("command", RUNS_A_MODEL)
-def test_fixed_threads_only_where_threads_adapt(command: str) -> None:
-    args = parse(command)
-    assert hasattr(args, "fixed_threads") == (command in ADAPTIVE_THREADS)
-    if command in ADAPTIVE_THREADS:
-        assert args.fixed_threads is False
-        assert parse(command, "--fixed-threads").fixed_threads is True
-
-
-def test_thread_budget_attached_unless_fixed() -> None:
-    from focus_detr import build_model
-    from focus_detr.cli.options import apply_threads, attach_thread_budget
-
-    previous = torch.get_num_threads()
-    model = build_model("tiny")
-    try:
-        args = parse("predict", "--threads", "auto")
-        assert apply_threads(args) is None  # auto with an adaptive --threads: PyTorch's default is the ceiling
-        budget = attach_thread_budget(model, args)
-        assert budget is not None and budget.requested == previous
-        assert len(model._forward_pre_hooks) == 1
-        args = parse("predict", "--threads", "1", "--fixed-threads")
-        assert apply_threads(args) == 1 and torch.get_num_threads() == 1
-        assert attach_thread_budget(build_model("tiny"), args) is None
-    finally:
-        torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("command", RUNS_A_MODEL)
 def test_device_threads_quiet_on_every_command_that_runs_a_model(command: str) -> None:
     options = subparser(command)._option_string_actions

@@ -106,7 +106,7 @@ class BackgroundLoad:
 def run_contention(preset: str = "r50_4scale", size: tuple[int, int] = (800, 1333), load: int = 1,
                    pinned: bool = False, threads: Sequence[int] = (1, 2), modes: Sequence[str] = ("focus", "dense"),
                    repeats: int = 3, warmup: int = 1, seed: int = 0, models: dict | None = None,
-                   progress: Callable[[str], None] | None = None, adaptive: bool = True) -> dict[str, Any]:
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Median latency by stage of ``modes`` with each thread count in ``threads``, quiet and under ``load``.
 
     For each thread count the quiet block and the loaded block run back to back (modes interleaved round by
@@ -115,11 +115,6 @@ def run_contention(preset: str = "r50_4scale", size: tuple[int, int] = (800, 133
     ``{settings, blocks: [{threads, load, stages_ms{mode: {stage: ms}}, total_ms_all, ratios}]}``, where the
     ratios are ``focus/dense`` total and per stage: ratio of medians (``ms``), median of the per-round ratios
     (``paired``) and ratio of the fastest runs (``min``).
-
-    ``adaptive``: for each thread count above 1, two more blocks (quiet and loaded) where the count is a
-    ceiling: a :class:`focus_detr.threads.ThreadBudget` attached to both models lowers it to the free cores
-    before every forward pass (what ``focus-detr predict`` does unless ``--fixed-threads``). The block records
-    how often each thread count was used (``budget``).
     """
     say = progress or (lambda _m: None)
     if load < 1:
@@ -139,49 +134,27 @@ def run_contention(preset: str = "r50_4scale", size: tuple[int, int] = (800, 133
         runners[mode] = run
     blocks = []
     for t in threads:
-        for policy in ("fixed", "adaptive") if adaptive and t > 1 else ("fixed",):
-            for processes in (0, load):
-                blocks.append(_contention_block(runners, [models[m] for m in modes], modes, t, policy, processes, pinned,
-                                                repeats, warmup, say))
+        for processes in (0, load):
+            bg = BackgroundLoad(processes, pinned)
+            with torch_threads(t), bg:
+                say(f"contention: {t} thread(s), {bg.describe()}")
+                samples = interleaved(runners, repeats, warmup, progress=say)
+                try:
+                    loadavg = list(os.getloadavg())
+                except OSError:
+                    loadavg = None
+            block: dict[str, Any] = {"threads": t, "load": bg.describe(), "load_processes": processes,
+                                     "load_average_after": loadavg, "stages_ms": {}, "total_ms_all": {}}
+            summaries = {m: summarize(samples[m]) for m in modes}
+            for m in modes:
+                block["stages_ms"][m] = {k: v["median_ms"] for k, v in summaries[m].items()}
+                block["total_ms_all"][m] = summaries[m]["total"]["ms_all"]
+            block["ratios"] = _block_ratios(summaries, modes)
+            blocks.append(block)
     return {"settings": {"preset": preset if isinstance(preset, str) else "custom", "size": list(size),
                          "threads": list(threads), "load_processes": load, "pinned": pinned, "repeats": repeats,
-                         "warmup": warmup, "modes": list(modes), "adaptive": adaptive},
+                         "warmup": warmup, "modes": list(modes)},
             "blocks": blocks}
-
-
-def _contention_block(runners: dict[str, Callable[[], dict[str, float]]], models: Sequence[torch.nn.Module],
-                      modes: Sequence[str], threads: int,
-                      policy: str, processes: int, pinned: bool, repeats: int, warmup: int,
-                      say: Callable[[str], None]) -> dict[str, Any]:
-    """One block: ``modes`` (``runners`` calling ``models``) interleaved for ``repeats`` rounds with ``threads`` threads (``policy`` "fixed", or
-    "adaptive": a ceiling lowered to the free cores before each forward) and ``processes`` busy processes."""
-    from ..threads import ThreadBudget
-
-    bg = BackgroundLoad(processes, pinned)
-    budget = ThreadBudget(requested=threads) if policy == "adaptive" else None
-    handles = [budget.attach(m) for m in models] if budget is not None else []
-    try:
-        with torch_threads(threads), bg:
-            say(f"contention: {threads} thread(s) {policy}, {bg.describe()}")
-            samples = interleaved(runners, repeats, warmup, progress=say)
-            try:
-                loadavg = list(os.getloadavg())
-            except OSError:
-                loadavg = None
-    finally:
-        for h in handles:
-            h.remove()
-    block: dict[str, Any] = {"threads": threads, "policy": policy, "load": bg.describe(),
-                             "load_processes": processes, "load_average_after": loadavg, "stages_ms": {},
-                             "total_ms_all": {}}
-    if budget is not None:
-        block["budget"] = budget.summary()
-    summaries = {m: summarize(samples[m]) for m in modes}
-    for m in modes:
-        block["stages_ms"][m] = {k: v["median_ms"] for k, v in summaries[m].items()}
-        block["total_ms_all"][m] = summaries[m]["total"]["ms_all"]
-    block["ratios"] = _block_ratios(summaries, modes)
-    return block
 
 
 def _block_ratios(summaries: dict[str, dict[str, dict[str, Any]]], modes: Sequence[str]) -> dict[str, Any]:
@@ -202,30 +175,24 @@ def _block_ratios(summaries: dict[str, dict[str, dict[str, Any]]], modes: Sequen
 
 
 def format_contention(result: dict[str, Any], markdown: bool = False) -> list[str]:
-    """One row per (threads, policy, load) block: focus and dense totals, focus/dense (median / paired / min),
-    the focus token-selection + encoder time, and for adaptive blocks the thread counts used."""
+    """One row per (threads, load) block: focus and dense totals, focus/dense (median / paired / min), and the
+    focus token-selection + encoder time."""
     from .report import markdown_table
 
     s = result["settings"]
     out = [f"Contention ({s['preset']} at {s['size'][0]}x{s['size'][1]}, {s['repeats']} interleaved rounds per "
            f"block, background load {s['load_processes']} busy process(es), "
-           f"{'pinned' if s['pinned'] else 'not pinned'}; 'adaptive': the thread count is a ceiling lowered to the "
-           "free cores before each forward pass):", ""]
+           f"{'pinned' if s['pinned'] else 'not pinned'}):", ""]
     rows = []
     for b in result["blocks"]:
         r = b["ratios"].get("focus/dense", {}).get("total", {})
         st = b["stages_ms"]
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        used = b.get("budget", {}).get("threads_used")
-        used_text = ", ".join(f"{n} thr x{c}" for n, c in used.items()) if used else "-"
-        rows.append([str(b["threads"]), b.get("policy", "fixed"), b["load"],
-                     f"{st.get('focus', {}).get('total', 0):.0f}",
+        rows.append([str(b["threads"]), b["load"], f"{st.get('focus', {}).get('total', 0):.0f}",
                      f"{st.get('dense', {}).get('total', 0):.0f}",
                      f"{fmt(r.get('ms'))} / {fmt(r.get('paired'))} / {fmt(r.get('min'))}",
                      f"{st.get('focus', {}).get('token_selection', 0):.0f}",
-                     f"{st.get('focus', {}).get('encoder', 0):.0f} / {st.get('dense', {}).get('encoder', 0):.0f}",
-                     used_text])
-    out += markdown_table(["threads", "policy", "load", "focus ms", "dense ms", "focus/dense (median / paired / min)",
-                           "focus token_selection ms", "encoder ms focus / dense", "forwards per thread count"],
-                          rows, markdown)
+                     f"{st.get('focus', {}).get('encoder', 0):.0f} / {st.get('dense', {}).get('encoder', 0):.0f}"])
+    out += markdown_table(["threads", "load", "focus ms", "dense ms", "focus/dense (median / paired / min)",
+                   "focus token_selection ms", "encoder ms focus / dense"], rows, markdown)
     return out

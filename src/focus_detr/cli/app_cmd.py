@@ -49,7 +49,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "reachable from the network, without a password)")
     p.add_argument("--port", type=port_number, default=7860, help="port to listen on (default 7860)")
     add_model_options(p)
-    add_runtime_options(p, quiet_help="do not print the model line and the server's messages", adaptive_threads=True)
+    add_runtime_options(p, quiet_help="do not print the model line and the server's messages")
     return p
 
 

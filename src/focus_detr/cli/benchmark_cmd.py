@@ -65,9 +65,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="pin each --background-load process to one core (the last cores); default: not pinned")
     p.add_argument("--contention-threads", type=_thread_list, default=[1, 2], metavar="T1,T2",
                    help="thread counts of the contention measurement (default 1,2)")
-    p.add_argument("--contention-fixed-only", action="store_true",
-                   help="contention: only fixed thread counts (default: also 'adaptive' blocks, where each count "
-                        "above 1 is a ceiling lowered to the free cores before every forward pass, as predict does)")
     p.add_argument("--msda", metavar="IMPL", default=None,
                    help="deformable attention implementation to select first (see "
                         "focus_detr.ops.ms_deform_attn.available_implementations(); default: leave the current one)")
@@ -135,8 +132,7 @@ def run(args: argparse.Namespace) -> int:
 
         report["contention"] = run_contention(
             args.preset, sizes[0], args.background_load, args.pin_load, args.contention_threads, ("focus", "dense"),
-            repeats=args.repeats, warmup=args.warmup, seed=args.seed, progress=progress,
-            adaptive=not args.contention_fixed_only)
+            repeats=args.repeats, warmup=args.warmup, seed=args.seed, progress=progress)
     if args.train_step:
         progress("training step of the tiny preset, focus / dense / sparse")
         report["train_step"] = benchmark_train_step("tiny", ("focus", "dense", "sparse"), threads=threads,

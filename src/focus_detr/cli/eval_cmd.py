@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import (add_device_option, add_quiet_option, add_threads_option, apply_threads, attach_thread_budget,
-                      check_device)
+from .options import add_device_option, add_quiet_option, add_threads_option, apply_threads, check_device
 
 EPILOG = """\
 WEIGHTS is one of
@@ -60,7 +59,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--short-side", type=int, help="test-time shorter side (default: the model's)")
     p.add_argument("--max-size", type=int, help="test-time longer-side cap (default: the model's)")
     add_device_option(p, note="; under torchrun each process takes GPU LOCAL_RANK")
-    add_threads_option(p, adaptive=True)
+    add_threads_option(p)
     p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS", help="collective timeout under torchrun")
     add_quiet_option(p, no_progress_alias=True)
     return p
@@ -128,7 +127,6 @@ def _evaluate(args: argparse.Namespace, info, device, out: Path) -> int:
     try:
         class_map = parse_class_map(args.class_map) if args.class_map is not None else None
         model = load_any_model(args.weights, args.preset, args.ema, **overrides).to(device)
-        attach_thread_budget(model, args)
         source = require_split(args.data, args.split, args.json, args.images)
         dataset = build_eval_dataset(source, args.split, model.cfg.test_short_side, model.cfg.test_max_size,
                                      model.cfg.class_names, model.cfg.num_classes, class_map,

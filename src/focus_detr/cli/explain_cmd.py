@@ -42,7 +42,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dpi", type=positive_int, default=100, help="resolution of explain.png (default 100)")
     p.add_argument("--width", type=float, default=16.0, help="figure width in inches (default 16)")
     add_model_options(p)
-    add_runtime_options(p, quiet_help="do not print the model line on stderr", adaptive_threads=True)
+    add_runtime_options(p, quiet_help="do not print the model line on stderr")
     return p
 
 

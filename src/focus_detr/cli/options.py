@@ -3,9 +3,7 @@
 * ``--device auto|cpu|cuda|cuda:N|mps``: spelling checked by argparse (:func:`focus_detr.devices.device_name_arg`),
   availability by :func:`focus_detr.devices.resolve_device` when the command starts (one-line error, exit 2).
 * ``--threads N|auto``: torch CPU threads (``auto``: PyTorch's default unless the load average shows other
-  work, then 1). Commands that run a model image after image (predict, explain, eval, app) treat N as a
-  ceiling: each forward pass uses at most the cores other processes leave free (:mod:`focus_detr.threads`),
-  unless ``--fixed-threads`` is given; there ``auto`` is PyTorch's default as the ceiling.
+  work, then 1).
 * ``--precision fp32|bf16|fp16``: run the model through :func:`focus_detr.optimize_for_inference` in that
   precision (:func:`add_precision_option`, :func:`apply_precision`).
 * ``--quiet``: no progress bars or progress messages (results are still printed). Commands that had
@@ -42,19 +40,9 @@ def add_device_option(group: Any, default: str = "auto", note: str = "") -> None
                        help=f"{DEVICE_CHOICES} ({what}){note}")
 
 
-def add_threads_option(group: Any, default: int | str | None = None, note: str = "",
-                       adaptive: bool = False) -> None:
-    """``--threads``; ``default`` None leaves PyTorch's choice. ``adaptive``: the number is a ceiling that each
-    forward pass lowers to the free cores (:func:`attach_thread_budget`), and ``--fixed-threads`` turns that off."""
+def add_threads_option(group: Any, default: int | str | None = None, note: str = "") -> None:
+    """``--threads``; ``default`` None leaves PyTorch's choice."""
     shown = "PyTorch's choice" if default is None else str(default)
-    if adaptive:
-        group.add_argument("--threads", type=threads_arg, default=default, metavar="N|auto",
-                           help=f"at most N torch CPU threads (default {shown}; 'auto' is the same). Each forward "
-                                "pass uses only the cores other processes leave free: a thread that shares its core "
-                                f"with another busy process slows every operator down{note}")
-        group.add_argument("--fixed-threads", action="store_true",
-                           help="use exactly --threads threads even while other processes keep cores busy")
-        return
     group.add_argument("--threads", type=threads_arg, default=default, metavar="N|auto",
                        help=f"torch CPU threads (default {shown}; 'auto': PyTorch's default unless other work is "
                             f"running, then 1){note}")
@@ -68,13 +56,11 @@ def add_quiet_option(group: Any, no_progress_alias: bool = False, what: str = "n
 
 
 def add_runtime_options(parser: argparse.ArgumentParser, device_default: str = "auto", device_note: str = "",
-                        quiet_help: str = "no progress bars", no_progress_alias: bool = False,
-                        adaptive_threads: bool = False) -> None:
-    """``--device``, ``--threads`` and ``--quiet`` in one group (predict, explain, export, convert, app);
-    ``adaptive_threads``: see :func:`add_threads_option`."""
+                        quiet_help: str = "no progress bars", no_progress_alias: bool = False) -> None:
+    """``--device``, ``--threads`` and ``--quiet`` in one group (predict, explain, export, convert)."""
     group = parser.add_argument_group("device and output")
     add_device_option(group, device_default, device_note)
-    add_threads_option(group, adaptive=adaptive_threads)
+    add_threads_option(group)
     add_quiet_option(group, no_progress_alias, quiet_help)
 
 
@@ -131,43 +117,15 @@ def choose_threads(requested: int | str) -> int:
     return 1 if default > 1 and load >= 1.0 else default
 
 
-def adaptive_threads(args: argparse.Namespace) -> bool:
-    """Whether the command's ``--threads`` is a ceiling lowered to the free cores (no ``--fixed-threads``)."""
-    return hasattr(args, "fixed_threads") and not args.fixed_threads
-
-
 def apply_threads(args: argparse.Namespace) -> int | None:
-    """Set torch's CPU threads from ``args.threads`` (None: leave them); returns the number set. With an
-    adaptive ``--threads`` (:func:`adaptive_threads`), ``auto`` leaves PyTorch's default as the ceiling: the
-    budget attached to the model (:func:`attach_thread_budget`) does what ``auto``'s load-average check did,
-    forward by forward."""
+    """Set torch's CPU threads from ``args.threads`` (None: leave them); returns the number set."""
     if getattr(args, "threads", None) is None:
-        return None
-    if args.threads == "auto" and adaptive_threads(args):
         return None
     import torch
 
     threads = choose_threads(args.threads)
     torch.set_num_threads(threads)
     return threads
-
-
-def attach_thread_budget(model: Any, args: argparse.Namespace):
-    """For a model on the CPU and an adaptive ``--threads``: a :class:`focus_detr.threads.ThreadBudget` with
-    the current thread count as the ceiling, deciding before every forward pass; else None."""
-    if not adaptive_threads(args):
-        return None
-    try:
-        on_cpu = next(model.parameters()).device.type == "cpu"
-    except StopIteration:
-        on_cpu = True
-    if not on_cpu:
-        return None
-    from ..threads import ThreadBudget
-
-    budget = ThreadBudget()
-    budget.attach(model)
-    return budget
 
 
 def check_device(args: argparse.Namespace):

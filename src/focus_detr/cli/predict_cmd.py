@@ -65,18 +65,13 @@ def split_weights(args: argparse.Namespace, positional: list[str], what: str) ->
 
 
 def model_from_args(args: argparse.Namespace, weights: str | None):
-    """Load the model the options describe, on ``--device`` with ``--threads`` (with an adaptive ``--threads``
-    a thread budget is attached to the model: :func:`focus_detr.cli.options.attach_thread_budget`); returns
-    ``(model, description)``."""
+    """Load the model the options describe, on ``--device`` with ``--threads``; returns ``(model, description)``."""
     from ..inference import load_model
-    from .options import apply_threads, attach_thread_budget, check_device
+    from .options import apply_threads, check_device
 
     check_device(args)
     apply_threads(args)
-    model, description = load_model(weights, args.preset, args.random_init, args.device, args.seed,
-                                    ema=getattr(args, "ema", False))
-    attach_thread_budget(model, args)
-    return model, description
+    return load_model(weights, args.preset, args.random_init, args.device, args.seed, ema=getattr(args, "ema", False))
 
 
 def check_output_folder(folder: str, what: str = "--out") -> None:
@@ -146,7 +141,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="speed knob: foreground keep ratio of the encoder in (0, 1] (default: the model's, 0.5 "
                         "in the paper); lower is faster, see focus_detr.model.knobs.with_keep_ratio")
     add_model_options(p)
-    add_runtime_options(p, quiet_help="no progress bar and no model line on stderr", adaptive_threads=True)
+    add_runtime_options(p, quiet_help="no progress bar and no model line on stderr")
     add_precision_option(p)
     return p
 
