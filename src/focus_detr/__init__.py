@@ -8,8 +8,11 @@ import os as _os
 # pass ends late. Measured on a shared 2-core machine (benchmarks/RESULTS.md, "Contention"): 2 threads
 # 18.7 s per tiny-preset forward with spinning, 0.22 s with passive waiting. Passive waiting costs a futex
 # wake-up (microseconds) per operator on an idle machine. libgomp reads the variable when torch loads it, so
-# this takes effect when focus_detr is imported before torch (always for the `focus-detr` command); a value
-# the user set (e.g. OMP_WAIT_POLICY=ACTIVE) is kept.
+# this takes effect when focus_detr is imported before torch (always for the `focus-detr` command; otherwise
+# `openmp.warn_if_threads_spin` warns when the machine looks busy); a value the user set is kept.
+from . import openmp as _openmp
+
+WAIT_POLICY_AT_IMPORT = _openmp.record_wait_policy()
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .api import (CheckpointFormatError, CheckpointMismatchError, InferenceOnlyError, PrecisionError,
@@ -20,7 +23,10 @@ from .viz.draw import draw_detections
 
 __version__ = "0.1.0"
 
+# Too late to set the policy when torch came first: say so when it costs time (the machine looks busy).
+_openmp.warn_if_threads_spin(WAIT_POLICY_AT_IMPORT)
+
 __all__ = ["build_model", "load_official", "save", "load", "from_pretrained", "read_weights_file", "PRESETS", "FocusDETRConfig",
            "get_preset", "make_config", "FocusDETR", "FocusDETROutputs", "Detections", "SelectionPolicy",
            "CheckpointFormatError", "CheckpointMismatchError", "draw_detections", "__version__",
-           "optimize_for_inference", "PrecisionError", "InferenceOnlyError"]
+           "optimize_for_inference", "PrecisionError", "InferenceOnlyError", "WAIT_POLICY_AT_IMPORT"]
