@@ -173,14 +173,16 @@ def discover_inputs(inputs: Iterable[str | os.PathLike[str]], recursive: bool = 
 
 
 def load_model(weights: str | os.PathLike[str] | None = None, preset: str | None = None, random_init: bool = False,
-               device: str | torch.device = "cpu", seed: int = 0, ema: bool = False) -> tuple[FocusDETR, str]:
+               device: str | torch.device = "cpu", seed: int = 0, ema: bool = False,
+               progress: bool = True) -> tuple[FocusDETR, str]:
     """Build the model to run and a one-line description of where its weights came from.
 
     * ``weights``: any weights source :mod:`focus_detr.weights.kinds` reads (our weights file, training
       checkpoint (``ema``: its EMA weights), official checkpoint or release zip (``preset``, else guessed from
       its keys), Hugging Face folder, pretrained name such as ``focus_detr_r50_4scale_36ep``);
     * ``preset`` and ``random_init`` (no ``weights``): randomly initialised weights from ``seed``
-      (for smoke tests and demos: its detections are meaningless).
+      (for smoke tests and demos: its detections are meaningless);
+    * ``progress``: the download progress bar of a pretrained name (``--quiet`` turns it off).
     """
     from .model import build_model
     from .weights.kinds import load_model as load_any
@@ -195,7 +197,7 @@ def load_model(weights: str | os.PathLike[str] | None = None, preset: str | None
         return build_model(preset).to(dev).eval(), f"preset {preset!r} with random weights (seed {seed})"
     if weights is None:
         raise ValueError("no weights given: pass a weights file or pretrained name, or --preset NAME --random-init")
-    return load_any(weights, preset, ema, dev)
+    return load_any(weights, preset, ema, dev, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------------

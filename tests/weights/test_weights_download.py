@@ -166,6 +166,28 @@ def test_cli_predict_by_name_and_errors_on_stderr(env, server, tmp_path):
     assert "focus_detr_swin_large_384_4scale_22k_36ep" in listing.stdout and "unavailable" in listing.stdout
 
 
+@pytest.mark.parametrize("command", ["predict", "eval"])
+def test_quiet_hides_the_download_bar(env, server, tmp_path, monkeypatch, command):
+    """--quiet reaches the download of a pretrained name (the bar shows on a terminal, where tqdm enables it)."""
+    from PIL import Image
+
+    from focus_detr.cli.main import main
+    from focus_detr.weights import download as download_module
+
+    seen = []
+    real = download_module.download
+    monkeypatch.setattr(download_module, "download",
+                        lambda url, dest, progress=True, desc=None: seen.append(progress) or real(url, dest, progress, desc))
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.full((64, 80, 3), 120, np.uint8)).save(image)
+    if command == "predict":
+        argv = ["predict", "tiny_test", str(image), "--out", str(tmp_path / "out"), "--quiet"]
+    else:  # the model is read before the dataset, so a missing dataset still downloads first
+        argv = ["eval", "tiny_test", "--data", str(tmp_path / "no_data"), "--quiet"]
+    main(argv)
+    assert seen == [False]
+
+
 def test_registry_covers_the_official_readme():
     official = [m for m in registry.MODELS if m.kind == "detector"]
     assert len(official) == 12

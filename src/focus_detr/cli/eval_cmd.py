@@ -65,12 +65,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def load_any_model(path: str | Path, preset: str | None = None, ema: bool = False, **overrides):
-    """A :class:`~focus_detr.model.FocusDETR` from any weights source (:func:`focus_detr.weights.kinds.load_model`).
-    Raises ``CheckpointFormatError`` with the reason."""
+def load_any_model(path: str | Path, preset: str | None = None, ema: bool = False, progress: bool = True,
+                   **overrides):
+    """A :class:`~focus_detr.model.FocusDETR` from any weights source (:func:`focus_detr.weights.kinds.load_model`;
+    ``progress``: the download bar of a pretrained name). Raises ``CheckpointFormatError`` with the reason."""
     from ..weights.kinds import load_model
 
-    return load_model(path, preset, ema, **overrides)[0]
+    return load_model(path, preset, ema, progress=progress, **overrides)[0]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,7 +127,7 @@ def _evaluate(args: argparse.Namespace, info, device, out: Path) -> int:
         overrides["test_max_size"] = args.max_size
     try:
         class_map = parse_class_map(args.class_map) if args.class_map is not None else None
-        model = load_any_model(args.weights, args.preset, args.ema, **overrides).to(device)
+        model = load_any_model(args.weights, args.preset, args.ema, progress=not args.quiet, **overrides).to(device)
         source = require_split(args.data, args.split, args.json, args.images)
         dataset = build_eval_dataset(source, args.split, model.cfg.test_short_side, model.cfg.test_max_size,
                                      model.cfg.class_names, model.cfg.num_classes, class_map,

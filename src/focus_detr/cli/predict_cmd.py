@@ -71,7 +71,8 @@ def model_from_args(args: argparse.Namespace, weights: str | None):
 
     check_device(args)
     apply_threads(args)
-    return load_model(weights, args.preset, args.random_init, args.device, args.seed, ema=getattr(args, "ema", False))
+    return load_model(weights, args.preset, args.random_init, args.device, args.seed, ema=getattr(args, "ema", False),
+                      progress=not getattr(args, "quiet", False))
 
 
 def check_output_folder(folder: str, what: str = "--out") -> None:
