@@ -308,6 +308,42 @@ def test_loopback_only_by_default() -> None:
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.com")
 
 
+@pytest.mark.parametrize("host,allow,public_only", [("127.0.0.1", False, False), ("0.0.0.0", False, True),
+                                                    ("0.0.0.0", True, False), ("localhost", False, False)])
+def test_url_box_fetches_public_addresses_only_when_the_network_can_reach_the_app(monkeypatch, host, allow,
+                                                                                 public_only) -> None:
+    import focus_detr.app as app_package
+    from focus_detr.app import ui
+
+    seen = {}
+    monkeypatch.setattr(core, "example_images", lambda work: [])
+    monkeypatch.setattr(ui, "build_app", lambda *a: seen.setdefault("public_urls_only", a[4]))
+    monkeypatch.setattr(ui, "launch", lambda *a, **k: None)
+    app_package.serve(None, host=host, port=1, allow_private_urls=allow)
+    assert seen["public_urls_only"] is public_only
+
+
+def test_cli_warns_about_the_network_and_passes_the_url_policy(monkeypatch, capsys) -> None:
+    import focus_detr.app as app_package
+    from focus_detr.cli.main import main
+
+    calls = []
+    monkeypatch.setattr(app_package, "serve", lambda *a, **k: calls.append(k["allow_private_urls"]))
+    port = str(_free_port())
+    assert main(["app", "--host", "0.0.0.0", "--port", port, "--preset", "tiny", "--random-init", "--quiet"]) == 0
+    assert "its URL box fetches public addresses only" in capsys.readouterr().err
+    assert main(["app", "--host", "0.0.0.0", "--port", port, "--preset", "tiny", "--random-init", "--quiet",
+                 "--allow-private-urls"]) == 0
+    assert "private networks included (--allow-private-urls)" in capsys.readouterr().err
+    assert calls == [False, True]
+
+
+def test_read_url_public_only_refuses_this_machine(tmp_path, shapes) -> None:
+    with pytest.raises(core.UploadError, match="refused: 127.0.0.1 is a loopback") as info:
+        core.read_url("http://127.0.0.1:9/shape.jpg", public_only=True)  # refused before any connection
+    assert "\n" not in str(info.value)
+
+
 # --------------------------------------------------------------------------------------------------
 # The page in a real browser
 

@@ -33,6 +33,11 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         if self.path == "/slow.jpg":
             time.sleep(3)
+        if self.path == "/redirect-to-loopback.jpg":
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{self.server.server_address[1]}/street.jpg")
+            self.end_headers()
+            return
         if self.path == "/nolength.bin":
             self.send_response(200)
             self.end_headers()  # no Content-Length: the size limit must be enforced while reading
@@ -130,6 +135,31 @@ def test_download_errors_are_one_line(served, tmp_path: Path) -> None:
         text = str(info.value)
         assert text.startswith(url) and message in text and "\n" not in text, text
     assert not list((tmp_path / "d").glob("*")), "partial downloads are removed"
+
+
+def test_public_only_refuses_private_hosts_and_redirects(served, tmp_path: Path, monkeypatch) -> None:
+    """The app's guard when the network can reach it: non-global addresses are refused, also after a redirect."""
+    from focus_detr.data import url_io
+
+    base, _ = served
+    port = base.rsplit(":", 1)[1]
+    with pytest.raises(DownloadError, match="refused: 127.0.0.1 is a loopback, private or link-local address"):
+        download_url(f"{base}/street.jpg", tmp_path / "a", public_only=True)
+    assert download_url(f"{base}/street.jpg", tmp_path / "b").is_file()  # the default is unchanged
+    # "localhost" made to look public: the check passes, the connection still reaches the local server.
+    real_resolve = url_io._resolve
+    monkeypatch.setattr(url_io, "_resolve", lambda host: ["93.184.216.34"] if host == "localhost" else real_resolve(host))
+    assert download_url(f"http://localhost:{port}/street.jpg", tmp_path / "c", public_only=True).is_file()
+    with pytest.raises(DownloadError, match="refused: 127.0.0.1") as info:
+        download_url(f"http://localhost:{port}/redirect-to-loopback.jpg", tmp_path / "d", public_only=True)
+    assert "\n" not in str(info.value) and not list((tmp_path / "d").glob("*"))
+    for address in ("10.1.2.3", "172.16.0.1", "192.168.1.5", "169.254.169.254", "0.0.0.0", "::1", "fe80::1%eth0",
+                    "::ffff:127.0.0.1", "fc00::1", "100.64.0.1"):
+        monkeypatch.setattr(url_io, "_resolve", lambda host, a=address: ["93.184.216.34", a])
+        with pytest.raises(DownloadError, match="refused"):
+            url_io.check_public_url("http://intranet.example/x.jpg")
+    monkeypatch.setattr(url_io, "_resolve", lambda host: ["93.184.216.34", "2606:2800:220:1::1"])
+    url_io.check_public_url("http://example.com/x.jpg")
 
 
 def test_predict_urls_end_to_end(served, weights: Path, tmp_path: Path) -> None:

@@ -30,16 +30,21 @@ DEMO_WEIGHTS = Path("runs/demo/model_final.pth")
 
 
 def serve(weights: "str | os.PathLike[str] | FocusDETR | None" = None, host: str = "127.0.0.1", port: int = 7860,
-          device: str = "auto", quiet: bool = False, description: str | None = None) -> None:
+          device: str = "auto", quiet: bool = False, description: str | None = None,
+          allow_private_urls: bool = False) -> None:
     """Serve the page on ``host:port`` until interrupted (Ctrl-C).
 
     ``weights``: a loaded model, or any weights source :func:`focus_detr.inference.load_model` reads (file,
     training checkpoint, official checkpoint, Hugging Face folder, pretrained name), loaded on ``device``; None:
     the page says how to get weights and offers ``runs/demo/model_final.pth`` when it exists. ``description``
     names a loaded model's weights in the page. Needs the ``app`` extra (Gradio).
+
+    On a ``host`` other machines can reach (not loopback), the page's URL box fetches public addresses only,
+    so visitors cannot make this machine read its private networks; ``allow_private_urls`` lifts that.
     """
     import shutil
 
+    from ..data.url_io import is_loopback_host
     from ..inference import load_model
     from ..model import FocusDETR
     from . import core, ui
@@ -51,7 +56,9 @@ def serve(weights: "str | os.PathLike[str] | FocusDETR | None" = None, host: str
         slot.model, slot.description = load_model(weights, device=device)
     work = core.new_work_folder()
     try:
-        app = ui.build_app(slot, core.example_images(work), lambda p: load_model(p, device=device), work)
+        public_urls_only = not (is_loopback_host(host) or allow_private_urls)
+        app = ui.build_app(slot, core.example_images(work), lambda p: load_model(p, device=device), work,
+                           public_urls_only)
         ui.launch(app, host, port, work, quiet=quiet)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -79,8 +79,9 @@ def read_upload(path: str | os.PathLike[str] | None, name: str | None = None) ->
         raise UploadError(f"{label}: {_plain_reason(e.reason)}") from None
 
 
-def read_url(url: str) -> tuple[np.ndarray, str]:
-    """Download an http(s) image (timeout, size limit) and decode it; returns ``(array, file name)``."""
+def read_url(url: str, public_only: bool = False) -> tuple[np.ndarray, str]:
+    """Download an http(s) image (timeout, size limit) and decode it; returns ``(array, file name)``.
+    ``public_only``: refuse loopback, private and link-local hosts (the app when the network can reach it)."""
     from ..data.image_io import load_image
     from ..data.url_io import download_url, is_url, url_file_name
 
@@ -88,7 +89,7 @@ def read_url(url: str) -> tuple[np.ndarray, str]:
     if not is_url(url):
         raise UploadError(f"{url or 'the URL box is empty'}: give an http:// or https:// address of an image")
     try:
-        path = download_url(url, timeout=URL_TIMEOUT_S, max_bytes=MAX_UPLOAD_BYTES)
+        path = download_url(url, timeout=URL_TIMEOUT_S, max_bytes=MAX_UPLOAD_BYTES, public_only=public_only)
     except DataError as e:
         raise UploadError(str(e)) from None
     try:

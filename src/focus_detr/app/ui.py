@@ -52,9 +52,10 @@ def no_model_text(demo_weights: Path | None) -> str:
 
 
 def build_app(slot: ModelSlot, examples: list[core.Example], load_weights: Callable[[Path], tuple[Any, str]],
-              work: Path) -> gr.Blocks:
+              work: Path, public_urls_only: bool = False) -> gr.Blocks:
     """The page. ``load_weights(path)`` returns ``(model, description)`` (used by the demo-model button);
-    ``work`` is a private folder for the json downloads (the caller removes it)."""
+    ``work`` is a private folder for the json downloads (the caller removes it); ``public_urls_only``: the URL
+    box refuses loopback, private and link-local hosts."""
     model = slot.model
     num_layers = model.cfg.encoder.num_layers if model is not None else 6
     keep_default = model.cfg.encoder.keep_ratio if model is not None else 0.5
@@ -148,7 +149,7 @@ def build_app(slot: ModelSlot, examples: list[core.Example], load_weights: Calla
 
         def on_url(url: str, keep: float) -> list[Any]:
             try:
-                image, name = core.read_url(url)
+                image, name = core.read_url(url, public_only=public_urls_only)
             except UploadError as e:
                 return show(None, error=str(e))
             return run(image, name, keep)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import ipaddress
 import sys
 
 from .options import add_runtime_options
@@ -48,18 +47,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 = every interface, "
                         "reachable from the network, without a password)")
     p.add_argument("--port", type=port_number, default=7860, help="port to listen on (default 7860)")
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="with a --host other machines can reach: let the URL box fetch loopback, private and "
+                        "link-local addresses too (refused by default, so visitors cannot read this machine's "
+                        "networks)")
     add_model_options(p)
     add_runtime_options(p, quiet_help="do not print the model line and the server's messages")
     return p
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    from ..data.url_io import is_loopback_host
+
+    return is_loopback_host(host)
 
 
 def check_listen(host: str, port: int) -> str | None:
@@ -113,10 +113,13 @@ def run(args: argparse.Namespace) -> int:
         offer = f"; the page offers {DEMO_WEIGHTS}" if DEMO_WEIGHTS.is_file() else ""
         print(f"no weights given: the page says how to get some{offer}", file=sys.stderr)
     if not is_loopback(args.host):
+        urls = ("its URL box fetches any address, private networks included (--allow-private-urls)"
+                if args.allow_private_urls else "its URL box fetches public addresses only")
         print(f"warning: listening on {args.host}: anyone who can reach this machine can use the app (it has no "
-              "password)", file=sys.stderr)
+              f"password; {urls})", file=sys.stderr)
     try:
-        serve(model, args.host, args.port, device=args.device, quiet=args.quiet, description=description)
+        serve(model, args.host, args.port, device=args.device, quiet=args.quiet, description=description,
+              allow_private_urls=args.allow_private_urls)
     except OSError as e:  # taken between the check and the start
         raise CLIError(f"cannot listen on {args.host}:{args.port}: {str(e).split('. ')[0]}") from None
     return 0

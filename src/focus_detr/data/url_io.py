@@ -7,12 +7,21 @@ whose message is one line naming the URL, e.g. ``https://x/y.jpg: HTTP 404 Not F
 
 URLs must be recognised *before* any ``pathlib.Path`` conversion: ``Path("https://a/b")`` collapses the
 ``//`` into ``https:/a/b``, which is then "no such file".
+
+``public_only=True`` (the web app when other machines can reach it) refuses hosts that resolve to a loopback,
+private, link-local or otherwise non-global address, and redirects to such hosts: a page served to the network
+must not let its visitors make this machine fetch from the networks behind it (cloud metadata at 169.254.169.254,
+intranet services). The address is checked before connecting; a DNS answer that changes between the check and
+the connection (DNS rebinding) is not caught, so a machine on a network with sensitive services should not
+expose the app at all.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import socket
 import tempfile
 import urllib.error
 import urllib.parse
@@ -39,6 +48,47 @@ def is_url(text: object) -> bool:
     return isinstance(text, str) and _URL_RE.match(text.strip()) is not None
 
 
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (``127.0.0.1``, ``::1``): reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _resolve(host: str) -> list[str]:
+    """The addresses ``host`` resolves to (a seam for tests)."""
+    return [info[4][0] for info in socket.getaddrinfo(host, None)]
+
+
+def check_public_url(url: str) -> None:
+    """Raise :class:`DownloadError` unless every address ``url``'s host resolves to is a global one."""
+    host = urllib.parse.urlsplit(url).hostname
+    if not host:
+        raise DownloadError("the URL has no host", url)
+    try:
+        addresses = _resolve(host)
+    except (socket.gaierror, UnicodeError) as e:
+        raise DownloadError(f"download failed (cannot resolve {host}: {getattr(e, 'strerror', None) or e})",
+                            url) from None
+    for text in addresses:
+        address = ipaddress.ip_address(text.split("%")[0])  # drop an IPv6 zone ("fe80::1%eth0")
+        mapped = getattr(address, "ipv4_mapped", None)
+        if not (mapped or address).is_global:
+            raise DownloadError(f"refused: {host} is a loopback, private or link-local address ({text}); this "
+                                "server fetches public addresses only", url)
+
+
+class _PublicRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to a public address (see :func:`check_public_url`)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
+        check_public_url(newurl)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def url_file_name(url: str, default: str = "download") -> str:
     """A safe local file name from the URL's last path part (``.../cat.jpg?x=1`` -> ``cat.jpg``)."""
     name = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name
@@ -47,19 +97,25 @@ def url_file_name(url: str, default: str = "download") -> str:
 
 
 def download_url(url: str, folder: str | os.PathLike[str] | None = None, timeout: float = DOWNLOAD_TIMEOUT_S,
-                 max_bytes: int = MAX_DOWNLOAD_BYTES) -> Path:
+                 max_bytes: int = MAX_DOWNLOAD_BYTES, public_only: bool = False) -> Path:
     """Download ``url`` into ``folder`` (default: a new temporary folder) and return the file's path.
+
+    ``public_only``: refuse hosts (and redirects to hosts) with non-global addresses (see the module notes).
 
     The file is named after the URL's last path part (:func:`url_file_name`), so its suffix still says
     whether it is an image or a video. The caller owns the file (and the temporary folder) afterwards.
 
     Raises:
         DownloadError: naming ``url``: not http(s), HTTP status >= 400, timeout, connection failure, more
-        than ``max_bytes`` bytes, or an empty body. A partial file is removed.
+        than ``max_bytes`` bytes, an empty body, or (``public_only``) a non-public address. A partial file is
+        removed.
     """
     url = url.strip()
     if not is_url(url):
         raise DownloadError("not an http(s) URL", url)
+    opener = urllib.request.build_opener(_PublicRedirects) if public_only else urllib.request.build_opener()
+    if public_only:
+        check_public_url(url)
     target_dir = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="focus_detr_url_"))
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / url_file_name(url)
@@ -70,7 +126,7 @@ def download_url(url: str, folder: str | os.PathLike[str] | None = None, timeout
     request = urllib.request.Request(url, headers={"User-Agent": "focus-detr"})
     limit_mb = f"{max_bytes / 1e6:.3g} MB"
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) checked above
+        with opener.open(request, timeout=timeout) as response:  # noqa: S310 - http(s) checked above
             declared = response.headers.get("Content-Length")
             if declared is not None and declared.isdigit() and int(declared) > max_bytes:
                 raise DownloadError(f"too large ({int(declared) / 1e6:.3g} MB; the limit is {limit_mb})", url)
