@@ -93,3 +93,29 @@ def test_model_with_query_nms_selects_distinct_proposals_and_trains():
 def test_query_nms_iou_out_of_range_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="decoder.query_nms_iou"):
         focus_detr.build_model("tiny", **{"decoder.query_nms_iou": bad})
+
+
+def test_proposal_boxes_computed_for_the_selected_tokens_only():
+    """Without query_nms_iou the proposal box head runs on the Q selected rows, not on all N tokens; its rows
+    are the ones the official all-token computation would have gathered."""
+    torch.manual_seed(0)
+    model = focus_detr.build_model("tiny", num_classes=3).eval()
+    calls = {"class": [], "box": []}
+    model.proposal_class_head.register_forward_hook(lambda m, i, o: calls["class"].append(i[0]))
+    model.proposal_box_head.register_forward_hook(lambda m, i, o: calls["box"].append((i[0], o)))
+    batch = model.batch([torch.rand(3, 96, 128), torch.rand(3, 80, 112)])
+    with torch.no_grad():
+        out = model(batch)
+    # The encoder's category scores use the class head too; query selection calls it on all N tokens (for the
+    # ranking), then on the Q selected ones.
+    all_tokens = calls["class"][-2]
+    assert all_tokens.shape[1] == out.token_padding_mask.shape[1]
+    (box_input, box_output), = calls["box"]
+    ids = out.proposal_indices
+    assert box_input.shape[1] == ids.shape[1] < all_tokens.shape[1]
+    gathered = torch.gather(all_tokens, 1, ids[..., None].expand(-1, -1, all_tokens.shape[-1]))
+    assert torch.equal(box_input, gathered)
+    with torch.no_grad():
+        full = model.proposal_box_head(all_tokens)
+    expected = torch.gather(full, 1, ids[..., None].expand(-1, -1, 4))
+    torch.testing.assert_close(box_output, expected, rtol=1e-5, atol=1e-5)
