@@ -240,7 +240,7 @@ def shrink(argv: list[str]) -> list[str]:
 
 def prepare(folder: Path) -> None:
     """The inputs the docs take for granted: pictures, weights files, a folder with unreadable files."""
-    from test_cli_predict import make_picture
+    from cli_utils import make_picture
     from weights_utils import official_checkpoint
 
     for rel, seed in [("photo.jpg", 1), ("image.jpg", 2), ("photos/a.jpg", 3), ("photos/b.png", 4),
