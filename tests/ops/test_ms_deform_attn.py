@@ -396,3 +396,20 @@ def test_environment_variable_sets_the_process_default() -> None:
             "print(current_implementation(), implementation_for('cpu'))")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["reference", "reference"]
+
+
+def test_corner_weights_trace_without_graph_break_and_match_eager():
+    """Under torch.compile the corner weights avoid `out=` into strided views (a dynamo graph break,
+    docs/usage.md "torch.compile"); the traced path must give exactly the eager values."""
+    g = torch.Generator().manual_seed(0)
+    frac = torch.rand(3, 8, 2, 16, generator=g)
+    attention = torch.rand(3, 8, 16, generator=g)
+    expected = fast_module._corner_weights(frac, attention, torch.empty(3, 8, 4, 16))
+    torch._dynamo.reset()
+    traced = torch.compile(fast_module._corner_weights, backend="eager", fullgraph=True)
+    got = traced(frac, attention, torch.empty(3, 8, 4, 16))
+    torch._dynamo.reset()
+    assert torch.equal(got, expected)
+    fx, fy = frac[..., 0, :], frac[..., 1, :]
+    torch.testing.assert_close(expected[..., 3, :], attention * fx * fy)
+    torch.testing.assert_close(expected[..., 0, :], attention * (1 - fx) * (1 - fy))

@@ -235,6 +235,11 @@ def _corner_weights(frac: Tensor, attention_weights: Tensor, out: Tensor) -> Ten
     right = attention_weights * fx  # a * fx
     left = attention_weights - right  # a * (1 - fx)
     top = 1 - fy
+    if torch.compiler.is_compiling():
+        # Dynamo breaks the graph on `out=` into a non-contiguous view; copies into the views trace (same values).
+        for corner, (horizontal, vertical) in enumerate(((left, top), (right, top), (left, fy), (right, fy))):
+            out.select(-2, corner).copy_(horizontal * vertical)
+        return out
     torch.mul(left, top, out=out.select(-2, 0))
     torch.mul(right, top, out=out.select(-2, 1))
     torch.mul(left, fy, out=out.select(-2, 2))
